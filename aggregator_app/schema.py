@@ -1,0 +1,160 @@
+"""The unified event schema: one model for every detector, one for every output.
+
+A producer's own format is turned into :class:`DetectorEvent` by an adapter
+(``aggregator_app.adapters``). Everything after ingest sees only this model.
+Times are UTC epoch milliseconds (``*_ms``); positions on the ground plane are
+metres (``*_m``); boxes are normalised to the frame (0..1) when the frame size is
+known, and kept in pixels (``bbox_px``) as the producer gave them.
+
+``SCHEMA_VERSION`` changes when a field changes meaning or is removed; adding an
+optional field does not change it. ``docs/event-schema.json`` is generated from
+these models (``python -m aggregator_app.schema``) and a test keeps it in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import sys
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AggregatedEvent",
+    "BBox",
+    "DetectorEvent",
+    "DetectorKind",
+    "GroundPoint",
+    "json_schema",
+]
+
+SCHEMA_VERSION = 1
+
+Identifier = Annotated[str, Field(min_length=1, max_length=256)]
+Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+AttributeValue = str | int | float | bool | None
+
+
+class DetectorKind(enum.StrEnum):
+    """What kind of detector produced an event."""
+
+    PERSON = "person"
+    OBJECT = "object"
+    VEHICLE = "vehicle"
+    FACE = "face"
+    GESTURE = "gesture"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class BBox(_Frozen):
+    """An axis-aligned box, ``x_min <= x_max`` and ``y_min <= y_max``."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BBox:
+        if self.x_min > self.x_max or self.y_min > self.y_max:
+            raise ValueError("box corners are out of order (min > max)")
+        return self
+
+    def center(self) -> tuple[float, float]:
+        """Return the box centre as ``(x, y)``."""
+        return ((self.x_min + self.x_max) / 2, (self.y_min + self.y_max) / 2)
+
+
+class NormalisedBBox(BBox):
+    """A box in frame coordinates, every corner within ``[0, 1]``."""
+
+    @model_validator(mode="after")
+    def _inside_frame(self) -> NormalisedBBox:
+        corners = (self.x_min, self.y_min, self.x_max, self.y_max)
+        if any(not 0.0 <= value <= 1.0 for value in corners):
+            raise ValueError("normalised box corner outside [0, 1]")
+        return self
+
+
+class GroundPoint(_Frozen):
+    """A position on the site's ground plane, in metres."""
+
+    x_m: float
+    y_m: float
+    z_m: float = 0.0
+
+
+class DetectorEvent(_Frozen):
+    """One detection by one detector on one camera, in the unified form."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Identifier
+    detector: DetectorKind
+    source: Identifier = Field(description="adapter that produced it, e.g. deepstream")
+    camera_id: Identifier
+    site_id: Identifier | None = None
+    zone_id: Identifier | None = None
+    event_time_ms: int = Field(ge=0, description="when it was seen, UTC epoch ms")
+    label: Identifier
+    confidence: Confidence | None = None
+    tracker_id: Identifier | None = None
+    bbox: NormalisedBBox | None = None
+    bbox_px: BBox | None = None
+    position: GroundPoint | None = None
+    attributes: dict[str, AttributeValue] = Field(default_factory=dict)
+
+    @field_validator("attributes")
+    @classmethod
+    def _finite_attributes(
+        cls, attributes: dict[str, AttributeValue]
+    ) -> dict[str, AttributeValue]:
+        for name, value in attributes.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"attribute {name!r} is not a finite number")
+        return attributes
+
+
+class AggregatedEvent(_Frozen):
+    """A high-level event published on ``aggregated-events``.
+
+    ``type`` says what it is. An ``observation`` is a detector event kept by
+    deduplication. It is published twice at most, with one ``aggregated_id``:
+    ``status="open"`` as soon as it is kept (low latency) and ``status="closed"``
+    once its dedup span ended, carrying every event it absorbed.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    aggregated_id: Identifier
+    type: Literal["observation"]
+    status: Literal["open", "closed"]
+    rule_id: Identifier
+    camera_id: Identifier
+    site_id: Identifier | None = None
+    detector: DetectorKind
+    label: Identifier
+    start_time_ms: int
+    end_time_ms: int
+    absorbed_count: int = Field(ge=0)
+    absorbed_ids: list[str] = Field(default_factory=list)
+    event: DetectorEvent
+
+
+def json_schema() -> dict[str, object]:
+    """Return the JSON Schema of every published model, as written to docs/."""
+    return {
+        "$comment": "generated by `python -m aggregator_app.schema`; do not edit",
+        "schema_version": SCHEMA_VERSION,
+        "DetectorEvent": DetectorEvent.model_json_schema(),
+        "AggregatedEvent": AggregatedEvent.model_json_schema(),
+    }
+
+
+if __name__ == "__main__":
+    json.dump(json_schema(), sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")

@@ -1,0 +1,162 @@
+"""The rules file (``config/aggregation-rules.yml``), validated when it is loaded.
+
+The file declares the detector sources (topic and adapter), the ingest limits,
+the deduplication rule and the metadata used for enrichment (sites, zones,
+cameras). Durations are given in the file with their unit in the name
+(``window_s``) and kept in that unit here; nothing downstream converts them
+again. A file that does not validate stops the worker at start with a
+:class:`~aggregator_app.exceptions.ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aggregator_app.exceptions import ConfigError
+
+__all__ = [
+    "CameraInfo",
+    "DedupRule",
+    "IngestLimits",
+    "RulesConfig",
+    "SiteInfo",
+    "SourceConfig",
+    "load_rules",
+]
+
+AdapterName = Literal["deepstream", "frigate", "dlstreamer", "mot", "unified"]
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,200}$")]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """One detector topic and the adapter that reads its messages."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+    topic: TopicName
+    adapter: AdapterName
+    site_id: str | None = None
+    detector: str | None = Field(
+        default=None, description="detector kind when the payload does not say"
+    )
+
+
+class IngestLimits(_Strict):
+    """What an input message must satisfy to be accepted."""
+
+    max_payload_bytes: Annotated[int, Field(gt=0)] = 256 * 1024
+    max_clock_skew_s: PositiveSeconds = 300.0
+    naive_timestamps: Literal["utc", "reject"] = "utc"
+    allow_unknown_cameras: bool = False
+
+
+class DedupRule(_Strict):
+    """When a detector event repeats an earlier one."""
+
+    rule_id: str = "dedup-5s"
+    window_s: PositiveSeconds = 5.0
+    cell_size: Annotated[float, Field(gt=0, le=1)] = 0.05
+    cell_size_m: PositiveSeconds = 1.0
+    max_absorbed_ids: Annotated[int, Field(ge=0)] = 1000
+    close_after_idle_s: PositiveSeconds = 10.0
+
+
+class CameraInfo(_Strict):
+    """What is known about one camera; used to accept and enrich its events."""
+
+    site_id: str
+    zone_id: str | None = None
+    frame_width_px: Annotated[int, Field(gt=0)] | None = None
+    frame_height_px: Annotated[int, Field(gt=0)] | None = None
+
+
+class SiteInfo(_Strict):
+    """A site, and the pattern that its camera ids follow."""
+
+    name: str
+    camera_id_pattern: str | None = None
+    frame_width_px: Annotated[int, Field(gt=0)] | None = None
+    frame_height_px: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> SiteInfo:
+        if self.camera_id_pattern is not None:
+            try:
+                re.compile(self.camera_id_pattern)
+            except re.error as exc:
+                raise ValueError(f"camera_id_pattern does not compile: {exc}") from exc
+        return self
+
+
+class RulesConfig(_Strict):
+    """The whole rules file."""
+
+    version: Literal[1]
+    partitions: Annotated[int, Field(ge=1, le=256)] = 4
+    aggregated_topic: TopicName = "aggregated-events"
+    dead_letter_topic: TopicName = "dead-letters"
+    ingest: IngestLimits = IngestLimits()
+    sources: Annotated[list[SourceConfig], Field(min_length=1)]
+    dedup: DedupRule = DedupRule()
+    sites: dict[str, SiteInfo] = Field(default_factory=dict)
+    cameras: dict[str, CameraInfo] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RulesConfig:
+        _require_unique("source name", [source.name for source in self.sources])
+        _require_unique("source topic", [source.topic for source in self.sources])
+        for camera_id, camera in self.cameras.items():
+            if camera.site_id not in self.sites:
+                raise ValueError(f"camera {camera_id!r} names unknown site")
+        for source in self.sources:
+            if source.site_id is not None and source.site_id not in self.sites:
+                raise ValueError(f"source {source.name!r} names unknown site")
+        return self
+
+    def camera(self, camera_id: str) -> CameraInfo | None:
+        """Return what is known of a camera, by its id or its site's pattern."""
+        known = self.cameras.get(camera_id)
+        if known is not None:
+            return known
+        for site_id, site in self.sites.items():
+            pattern = site.camera_id_pattern
+            if pattern is not None and re.fullmatch(pattern, camera_id):
+                return CameraInfo(
+                    site_id=site_id,
+                    frame_width_px=site.frame_width_px,
+                    frame_height_px=site.frame_height_px,
+                )
+        return None
+
+
+def _require_unique(what: str, values: list[str]) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value!r} is declared twice")
+        seen.add(value)
+
+
+def load_rules(path: str | Path) -> RulesConfig:
+    """Read and validate a rules file.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or does not validate.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read rules file {path}: {exc}") from exc
+    try:
+        return RulesConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid rules file {path}:\n{exc}") from exc
