@@ -64,6 +64,7 @@ class DedupRule(_Strict):
 
     rule_id: str = "dedup-5s"
     window_s: PositiveSeconds = 5.0
+    grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
     cell_size: Annotated[float, Field(gt=0, le=1)] = 0.05
     cell_size_m: PositiveSeconds = 1.0
     max_absorbed_ids: Annotated[int, Field(ge=0)] = 1000
@@ -121,6 +122,25 @@ class RulesConfig(_Strict):
             if source.site_id is not None and source.site_id not in self.sites:
                 raise ValueError(f"source {source.name!r} names unknown site")
         return self
+
+    def with_topic_prefix(self, prefix: str) -> RulesConfig:
+        """Return these rules with ``prefix`` put before every topic name.
+
+        Tests and demo runs use it to get topics of their own on a shared broker.
+        """
+        if not prefix:
+            return self
+        sources = [
+            source.model_copy(update={"topic": prefix + source.topic})
+            for source in self.sources
+        ]
+        return self.model_copy(
+            update={
+                "sources": sources,
+                "aggregated_topic": prefix + self.aggregated_topic,
+                "dead_letter_topic": prefix + self.dead_letter_topic,
+            }
+        )
 
     def camera(self, camera_id: str) -> CameraInfo | None:
         """Return what is known of a camera, by its id or its site's pattern."""

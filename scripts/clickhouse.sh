@@ -23,8 +23,9 @@
 # 18.16 runs as root without complaint, so it runs as the invoking user.
 set -euo pipefail
 
-readonly SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
-readonly REPO_ROOT="$(cd -- "${SCRIPT_DIR}/.." && pwd)"
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd -- "${SCRIPT_DIR}/.." && pwd)"
+readonly SCRIPT_DIR REPO_ROOT
 readonly CONFIG_FILE="${SCRIPT_DIR}/clickhouse/config.xml"
 readonly VAR_DIR="${REPO_ROOT}/.var/clickhouse"
 readonly LOG_DIR="${VAR_DIR}/log"
@@ -61,12 +62,21 @@ port_in_use() {
     (exec 3<>"/dev/tcp/${HOST}/$1") 2>/dev/null
 }
 
+# True if the process runs; a zombie (exited, not yet reaped) does not.
+process_alive() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    # The state is the first field after the ")" that closes the command name.
+    stat="${stat##*) }"
+    [[ "${stat:0:1}" != "Z" ]]
+}
+
 # Print the pid from our pid file if that process is alive and is ClickHouse.
 managed_pid() {
     local pid
     [[ -s "${PID_FILE}" ]] || return 1
     pid="$(tr -dc '0-9' <"${PID_FILE}")"
-    [[ -n "${pid}" ]] && kill -0 "${pid}" 2>/dev/null || return 1
+    [[ -n "${pid}" ]] && process_alive "${pid}" || return 1
     tr '\0' ' ' <"/proc/${pid}/cmdline" 2>/dev/null | grep -q clickhouse || return 1
     echo "${pid}"
 }
@@ -83,15 +93,22 @@ print_log_tail() {
         "${LOG_DIR}/clickhouse-server.log"; do
         [[ -s "${file}" ]] || continue
         echo "----- tail ${file}" >&2
-        tail -n 30 "${file}" >&2
+        tail -n 20 "${file}" >&2
     done
+}
+
+check_port() {
+    local name="$1" value="$2"
+    if ! [[ "${value}" =~ ^[0-9]+$ ]] || ((value < 1 || value > 65535)); then
+        die "not a TCP port: ${name}=${value}"
+    fi
 }
 
 # Print the command that runs the server: the split binary of the Debian
 # package, or the multi-binary of the upstream packages.
 server_command() {
     if command -v clickhouse-server >/dev/null; then
-        echo "$(command -v clickhouse-server)"
+        command -v clickhouse-server
     elif [[ -x /usr/sbin/clickhouse-server ]]; then
         echo /usr/sbin/clickhouse-server
     elif command -v clickhouse >/dev/null; then
@@ -111,16 +128,20 @@ run_as_root() {
     fi
 }
 
+# Install only what is missing: naming an installed package to apt-get
+# install would upgrade it. apt's output goes to stderr, stdout stays the
+# address.
 ensure_installed() {
-    if server_command >/dev/null && command -v clickhouse-client >/dev/null \
-        && command -v curl >/dev/null; then
-        return 0
-    fi
+    local -a missing=()
+    server_command >/dev/null || missing+=(clickhouse-server)
+    command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
+    command -v curl >/dev/null || missing+=(curl)
+    ((${#missing[@]} == 0)) && return 0
 
-    log "installing packages: clickhouse-server clickhouse-client curl"
-    run_as_root apt-get update
+    log "installing packages: ${missing[*]}"
+    run_as_root apt-get update >&2
     run_as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y clickhouse-server clickhouse-client curl
+        apt-get install -y "${missing[@]}" >&2
 }
 
 # Start the server in its own session, detached from this shell.
@@ -147,19 +168,24 @@ launch_server() {
         --listen_host="${HOST}" \
         --tcp_port="${TCP_PORT}" \
         --http_port="${HTTP_PORT}" \
-        </dev/null >>"${STDOUT_LOG}" 2>&1 9>&- &
+        </dev/null >"${STDOUT_LOG}" 2>&1 9>&- &
     echo $! >"${PID_FILE}"
 }
 
-# Wait until the server answers; fail early if the launched process died.
+# Wait until the server answers. Fail early, with a message, if the process
+# exits; fail after START_WAIT_S if it runs but does not answer.
 wait_until_ready() {
-    local launch_pid="$1" waited_s=0
+    local pid="$1" waited_s=0
     while ((waited_s < START_WAIT_S)); do
         server_answers && return 0
-        kill -0 "${launch_pid}" 2>/dev/null || return 1
+        if ! process_alive "${pid}"; then
+            log "server exited during startup: pid=${pid}"
+            return 1
+        fi
         sleep 1
         waited_s=$((waited_s + 1))
     done
+    log "server did not answer within ${START_WAIT_S}s: pid=${pid} port=${HTTP_PORT}"
     return 1
 }
 
@@ -205,17 +231,33 @@ cmd_start() {
     log "server launched: pid=${pid} dir=${VAR_DIR}"
 
     if ! wait_until_ready "${pid}"; then
-        log "server did not answer within ${START_WAIT_S}s: pid=${pid}"
         print_log_tail
-        kill -TERM "${pid}" 2>/dev/null || true
-        rm -f "${PID_FILE}"
+        stop_pid "${pid}"
         exit 1
     fi
     print_address
 }
 
+# Stop the server process and wait until it is gone, so its ports are free.
+stop_pid() {
+    local pid="$1" waited_s=0
+    if ! kill -TERM "${pid}" 2>/dev/null; then
+        rm -f "${PID_FILE}"
+        return 0
+    fi
+    while process_alive "${pid}" && ((waited_s < STOP_WAIT_S)); do
+        sleep 1
+        waited_s=$((waited_s + 1))
+    done
+    if process_alive "${pid}"; then
+        log "server ignored SIGTERM for ${STOP_WAIT_S}s, killing: pid=${pid}"
+        kill -KILL "${pid}" 2>/dev/null || true
+    fi
+    rm -f "${PID_FILE}"
+}
+
 cmd_stop() {
-    local pid waited_s=0
+    local pid
     if ! pid="$(managed_pid)"; then
         rm -f "${PID_FILE}"
         if server_answers; then
@@ -226,23 +268,18 @@ cmd_stop() {
         return 0
     fi
 
-    kill -TERM "${pid}"
-    while kill -0 "${pid}" 2>/dev/null && ((waited_s < STOP_WAIT_S)); do
-        sleep 1
-        waited_s=$((waited_s + 1))
-    done
-    if kill -0 "${pid}" 2>/dev/null; then
-        log "server ignored SIGTERM for ${STOP_WAIT_S}s, killing: pid=${pid}"
-        kill -KILL "${pid}"
-    fi
-    rm -f "${PID_FILE}"
+    stop_pid "${pid}"
     log "stopped: pid=${pid}"
 }
 
 cmd_status() {
     local pid
     if ! server_answers; then
-        echo "not running"
+        if pid="$(managed_pid)"; then
+            echo "not answering: pid=${pid} port=${HTTP_PORT} (starting, or serving other ports)"
+        else
+            echo "not running"
+        fi
         return 3
     fi
 
@@ -255,6 +292,8 @@ cmd_status() {
 }
 
 main() {
+    check_port CLICKHOUSE_PORT "${TCP_PORT}"
+    check_port CLICKHOUSE_HTTP_PORT "${HTTP_PORT}"
     case "${1:-}" in
         start) cmd_start ;;
         stop) cmd_stop ;;

@@ -1,0 +1,1 @@
+"""Faust agents of the service, found by autodiscovery."""

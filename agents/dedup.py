@@ -1,0 +1,187 @@
+"""The dedup agent: keeps one event per repeated thing and publishes it.
+
+It reads ``detector-events`` (keyed by camera id, so every dedup key of a
+camera meets this agent on one partition) and, for every event:
+
+1. decides kept / repeat / redelivery (:class:`~aggregator_app.dedup.Deduplicator`);
+2. writes a kept event's window to the dedup table at once, in the event's
+   partition, and absorbed repeats at most every ``_FLUSH_EVERY_S``;
+3. publishes a kept event at once as an ``open`` observation (again, with the
+   same id, when it is read again after a restart);
+4. now and then, closes the spans that the partition's watermark has passed
+   and publishes them as ``closed`` observations with what they absorbed, and
+   forgets the windows that no event can reach any more.
+
+A tick record (header :data:`~aggregator_app.topics.TICK_HEADER`) carries no
+event: it closes the spans of a partition that has gone quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from faust.types import EventT, StreamT
+from pydantic import ValidationError
+
+from aggregator_app import sink
+from aggregator_app.app import app, rules
+from aggregator_app.dedup import Decision, Deduplicator, Span
+from aggregator_app.metrics import counters
+from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.topics import TICK_HEADER, aggregated_topic, detector_events_topic
+from tables.dedup import TableSpanStore
+
+__all__ = ["dedup_agent", "deduplicator"]
+
+logger = logging.getLogger(__name__)
+
+_CLOSE_EVERY_S = 0.2
+_FLUSH_EVERY_S = 0.1
+_rule = rules.dedup
+_window_ms = int(_rule.window_s * 1000)
+_horizon_ms = 2 * _window_ms + int(_rule.grace_s * 1000)
+
+deduplicator = Deduplicator(_rule, TableSpanStore())
+_last_close_s: dict[int, float] = {}
+_last_event_s: dict[int, float] = {}
+_last_flush_s: dict[int, float] = {}
+
+
+@app.agent(detector_events_topic, name="dedup")
+async def dedup_agent(stream: StreamT) -> None:
+    """Deduplicate detector events and publish observations."""
+    async for event in stream.events():
+        partition = event.message.partition
+        if not _is_tick(event):
+            await _process(event, partition)
+        await _maybe_close(partition, force=_is_tick(event))
+
+
+def _is_tick(event: EventT) -> bool:
+    headers = event.message.headers or ()
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return any(name == TICK_HEADER for name, _ in pairs)
+
+
+async def _process(event: EventT, partition: int) -> None:
+    try:
+        detector_event = DetectorEvent.model_validate_json(event.message.value)
+    except ValidationError as exc:
+        # Only this service writes the topic: a bad record is a bug, not input.
+        logger.error("dedup: skipped invalid internal record: offset=%d error=%s",
+                     event.message.offset, exc)
+        return
+
+    _last_event_s[partition] = time.monotonic()
+    watermark_ms = deduplicator.watermark_ms(partition)
+    if watermark_ms is not None and detector_event.event_time_ms < watermark_ms - _horizon_ms:
+        counters.late += 1
+
+    decision = deduplicator.observe(detector_event, partition, event.message.offset)
+    _count(decision)
+    if decision.outcome in ("kept", "reprocessed"):
+        # A keep is written at once: a restart must not forget it.
+        deduplicator.flush(partition)
+        _last_flush_s[partition] = time.monotonic()
+        await _publish(detector_event, decision.span, status="open")
+    else:
+        _maybe_flush(partition)
+    sink.detector_event(detector_event, decision)
+
+
+def _maybe_flush(partition: int) -> None:
+    """Write absorbed repeats to the table, at most every ``_FLUSH_EVERY_S``.
+
+    Repeats not yet written when a worker dies are read again from Kafka by
+    the next owner (they come after the last committed offset), so they are
+    absorbed again rather than lost.
+    """
+    now_s = time.monotonic()
+    if now_s - _last_flush_s.get(partition, 0.0) >= _FLUSH_EVERY_S:
+        deduplicator.flush(partition)
+        _last_flush_s[partition] = now_s
+
+
+def _count(decision: Decision) -> None:
+    if decision.outcome == "kept":
+        counters.kept += 1
+    elif decision.outcome == "repeat":
+        counters.repeats += 1
+    elif decision.outcome == "redelivery":
+        counters.redeliveries += 1
+    else:
+        counters.reprocessed += 1
+
+
+async def _maybe_close(partition: int, *, force: bool) -> None:
+    now_s = time.monotonic()
+    if not force and now_s - _last_close_s.get(partition, 0.0) < _CLOSE_EVERY_S:
+        return
+    _last_close_s[partition] = now_s
+
+    idle_s = now_s - _last_event_s.get(partition, now_s)
+    idle = force and idle_s >= _rule.close_after_idle_s
+    closed = deduplicator.close_due(partitions=[partition], force=idle)
+    for _key, span in closed:
+        await _publish_closed(span)
+    deduplicator.flush(partition)
+
+    watermark_ms = deduplicator.watermark_ms(partition)
+    if watermark_ms is not None:
+        deduplicator.forget_before(partition, watermark_ms - _horizon_ms)
+
+
+async def _publish_closed(span: Span) -> None:
+    kept = DetectorEvent.model_validate_json(span.kept_json)
+    await _publish(kept, span, status="closed")
+
+
+async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
+    aggregated = AggregatedEvent(
+        aggregated_id=f"{_rule.rule_id}:{event.event_id}",
+        type="observation",
+        status=status,  # type: ignore[arg-type]  # "open" or "closed", by the callers
+        rule_id=_rule.rule_id,
+        camera_id=event.camera_id,
+        site_id=event.site_id,
+        detector=event.detector,
+        label=event.label,
+        start_time_ms=span.start_ms,
+        end_time_ms=span.last_ms,
+        absorbed_count=span.absorbed_count,
+        absorbed_ids=list(span.absorbed_ids),
+        event=event,
+    )
+    await aggregated_topic.send(
+        key=aggregated.aggregated_id.encode(),
+        value=aggregated.model_dump_json().encode(),
+        timestamp=span.start_ms / 1000,
+    )
+    if status == "open":
+        counters.published_open += 1
+    else:
+        counters.published_closed += 1
+    sink.aggregated_event(aggregated)
+
+
+@app.timer(interval=1.0)
+async def _tick_idle_partitions() -> None:
+    """Ask every quiet partition with open spans to close them."""
+    now_s = time.monotonic()
+    topic_name = detector_events_topic.get_topic_name()
+    for tp in app.assignor.assigned_actives():
+        if tp.topic != topic_name or not deduplicator.has_open(tp.partition):
+            continue
+        if now_s - _last_event_s.get(tp.partition, now_s) < _rule.close_after_idle_s:
+            continue
+        await detector_events_topic.send(
+            value=b"", partition=tp.partition, headers=[(TICK_HEADER, b"1")]
+        )
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender: object, revoked: object, **_: object) -> None:
+    deduplicator.reset()
+    logger.info("dedup: partitions revoked, span cache cleared")

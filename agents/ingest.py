@@ -1,0 +1,103 @@
+"""One ingest agent per detector source declared in the rules file.
+
+Each agent reads its topic's raw bytes, turns every message into unified
+events (:func:`aggregator_app.ingest.parse_record`), forwards them to
+``detector-events`` keyed by camera id with the event time as the record
+timestamp, and copies every rejected message byte for byte to the dead-letter
+topic with the reason in its headers. Nothing raises out of the loop: a worker
+never stops on bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from faust.types import EventT, StreamT
+
+from aggregator_app.app import app, rules
+from aggregator_app.exceptions import RejectedEvent
+from aggregator_app.ingest import RawRecord, dead_letter_headers, parse_record
+from aggregator_app.metrics import counters
+from aggregator_app.topics import (
+    dead_letter_topic,
+    detector_events_topic,
+    source_topic,
+)
+from rules.config import SourceConfig
+
+__all__ = ["REPLAY_HEADER", "ingest_agents"]
+
+logger = logging.getLogger(__name__)
+
+#: Header set by the replay tool: the record is recorded data, and its
+#: timestamp (not the worker's clock) is the reference for the clock-skew check.
+REPLAY_HEADER = "x-aggregator-replay"
+
+AgentFun = Callable[[StreamT], Coroutine[Any, Any, None]]
+
+
+def _raw_record(event: EventT) -> RawRecord:
+    message = event.message
+    headers = message.headers or ()
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return RawRecord(
+        value=message.value,
+        key=message.key,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+        replayed=any(name == REPLAY_HEADER for name, _ in pairs),
+    )
+
+
+async def _forward(event: EventT, source: SourceConfig) -> None:
+    record = _raw_record(event)
+    counters.received += 1
+    try:
+        detector_events = parse_record(
+            record, source=source, rules=rules, now_ms=int(time.time() * 1000)
+        )
+    except RejectedEvent as error:
+        counters.reject(error.reason)
+        await dead_letter_topic.send(
+            key=record.key,
+            value=record.value,
+            headers=dead_letter_headers(record, error),
+        )
+        return
+
+    counters.accepted_messages += 1
+    for detector_event in detector_events:
+        counters.accepted_events += 1
+        await detector_events_topic.send(
+            key=detector_event.camera_id.encode(),
+            value=detector_event.model_dump_json().encode(),
+            timestamp=detector_event.event_time_ms / 1000,
+        )
+
+
+def _make_agent(source: SourceConfig) -> AgentFun:
+    async def ingest(stream: StreamT) -> None:
+        async for event in stream.events():
+            await _forward(event, source)
+
+    ingest.__name__ = f"ingest_{source.name}"
+    ingest.__qualname__ = ingest.__name__
+    return ingest
+
+
+ingest_agents = {
+    source.name: app.agent(source_topic(source.topic), name=f"ingest-{source.name}")(
+        _make_agent(source)
+    )
+    for source in rules.sources
+}
+
+
+@app.timer(interval=30.0)
+async def _log_counts() -> None:
+    counters.log()

@@ -1,0 +1,96 @@
+"""Settings of a worker, read once from the environment.
+
+| variable | meaning | default |
+|---|---|---|
+| ``KAFKA_BOOTSTRAP`` | Kafka bootstrap servers, ``host:port[,host:port]`` | ``localhost:9092`` |
+| ``CLICKHOUSE_URL`` | ``clickhouse://host:port/db`` for a server, ``chdb:///dir`` embedded | embedded, ``<data>/chdb`` |
+| ``AGGREGATOR_RULES`` | path of the rules file | ``config/aggregation-rules.yml`` |
+| ``AGGREGATOR_DATA_DIR`` | where tables and the store spool live | ``.var`` |
+| ``AGGREGATOR_APP_ID`` | the consumer group and prefix of internal topics | ``aggregator`` |
+| ``AGGREGATOR_TOPIC_PREFIX`` | put before every topic name of the rules file | empty |
+| ``AGGREGATOR_WEB_PORT`` | the Faust web port | ``8014`` |
+| ``AGGREGATOR_GUARANTEE`` | ``at_least_once`` or ``exactly_once`` (Kafka transactions) | ``at_least_once`` |
+| ``AGGREGATOR_BATCH_EVENTS`` | most events an agent handles at once | ``2000`` |
+| ``AGGREGATOR_BATCH_WAIT_MS`` | longest an agent waits to fill a batch | ``5`` |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator_app.exceptions import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_DEFAULT_RULES = _REPO_ROOT / "config" / "aggregation-rules.yml"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What one worker is configured with."""
+
+    kafka_bootstrap: str
+    clickhouse_url: str | None
+    rules_path: Path
+    data_dir: Path
+    app_id: str
+    topic_prefix: str
+    web_port: int
+    guarantee: str
+    batch_events: int
+    batch_wait_s: float
+
+    @property
+    def broker_url(self) -> str:
+        """Return the bootstrap servers in faust's URL form."""
+        return ";".join(
+            f"kafka://{server.strip()}" for server in self.kafka_bootstrap.split(",")
+        )
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Read the settings from ``env`` (the process environment by default).
+
+    Raises:
+        ConfigError: a value cannot be used.
+    """
+    env = dict(os.environ) if env is None else env
+    guarantee = env.get("AGGREGATOR_GUARANTEE", "at_least_once")
+    if guarantee not in ("exactly_once", "at_least_once"):
+        raise ConfigError(
+            f"AGGREGATOR_GUARANTEE must be exactly_once or at_least_once, not {guarantee!r}"
+        )
+
+    return Settings(
+        kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", "localhost:9092"),
+        clickhouse_url=env.get("CLICKHOUSE_URL") or None,
+        rules_path=_path(env, "AGGREGATOR_RULES", _DEFAULT_RULES),
+        data_dir=_path(env, "AGGREGATOR_DATA_DIR", _REPO_ROOT / ".var"),
+        app_id=env.get("AGGREGATOR_APP_ID", "aggregator"),
+        topic_prefix=env.get("AGGREGATOR_TOPIC_PREFIX", ""),
+        web_port=_int(env, "AGGREGATOR_WEB_PORT", 8014),
+        guarantee=guarantee,
+        batch_events=_int(env, "AGGREGATOR_BATCH_EVENTS", 2000),
+        batch_wait_s=_int(env, "AGGREGATOR_BATCH_WAIT_MS", 5) / 1000,
+    )
+
+
+def _path(env: dict[str, str], name: str, default: Path) -> Path:
+    value = env.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from exc
+    if number <= 0:
+        raise ConfigError(f"{name} must be positive, not {number}")
+    return number

@@ -1,0 +1,670 @@
+"""The event store contract, the rows it stores, and the SQL both backends share.
+
+:class:`EventStore` is what the rest of the service sees. :class:`ClickHouseStore`
+implements it once in SQL that runs on ClickHouse 18.16 and on a current
+ClickHouse; a backend (``native``, ``embedded``) only supplies three primitives
+(run a statement, run a query, insert records), ``close`` and the mapping of its
+driver's errors to :class:`~aggregator_app.exceptions.StoreError`.
+
+Every method is synchronous and may block on the network or the disk: call it
+from a thread (``StoreWriter`` does), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+import operator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from aggregator_app.exceptions import StoreError, StoreUnavailable
+from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.store.schema import (
+    AGGREGATED_EVENTS,
+    DETECTOR_EVENTS,
+    TableSpec,
+    create_database_sql,
+    create_table_sql,
+    quote_identifier,
+    sql_string,
+    supports_ttl,
+)
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "DEFAULT_TTL_DAYS",
+    "AggregatedEventRow",
+    "ClickHouseStore",
+    "DetectorEventRow",
+    "EventStore",
+    "Outcome",
+    "aggregated_event_row",
+    "detector_event_row",
+    "store_error_for_code",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "aggregator"
+DEFAULT_TTL_DAYS = 30
+DEFAULT_FETCH_LIMIT = 10_000
+
+_DAY_MS = 86_400_000
+# Keys per ``IN (...)`` list: keeps a query far below max_query_size (256 KiB).
+_KEYS_PER_QUERY = 1000
+# Read back at most this many times a batch's rows to find its stored keys by
+# time range alone; a denser range is asked by key.
+_RANGE_READ_FACTOR = 4
+
+# ClickHouse error codes that say "not now" rather than "never": a retry may pass.
+_RETRIABLE_CODES = frozenset(
+    {
+        159,  # TIMEOUT_EXCEEDED
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        252,  # TOO_MANY_PARTS
+        279,  # ALL_CONNECTION_TRIES_FAILED
+        319,  # UNKNOWN_STATUS_OF_INSERT
+    }
+)
+
+
+class Outcome(enum.StrEnum):
+    """What deduplication decided about one accepted detector event."""
+
+    KEPT = "kept"
+    REPEAT = "repeat"
+    REDELIVERY = "redelivery"
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorEventRow:
+    """One row of ``detector_events``: an accepted event and its dedup outcome.
+
+    Fields are the table's columns in order. ``outcome`` is an :class:`Outcome`
+    value, kept as a plain ``str`` (the driver writes enum members by name).
+    Optional ids are ``""`` when absent; ``payload`` is the event as JSON, the
+    source of truth for :meth:`to_event`. ``version`` is when the row was made
+    (epoch ms), the ``ReplacingMergeTree`` version.
+    """
+
+    event_id: str
+    outcome: str
+    kept_event_id: str
+    source: str
+    detector: str
+    camera_id: str
+    site_id: str
+    zone_id: str
+    label: str
+    confidence: float | None
+    event_time_ms: int
+    tracker_id: str
+    position_x_m: float | None
+    position_y_m: float | None
+    payload: str
+    version: int
+
+    @classmethod
+    def from_record(cls, record: Sequence[Any]) -> DetectorEventRow:
+        """Build a row from column values as a driver returns them."""
+        return cls(*record)
+
+    def key(self) -> tuple[str, ...]:
+        """Return what identifies this row in its table."""
+        return (self.event_id,)
+
+    def record(self) -> tuple[Any, ...]:
+        """Return the column values in table order."""
+        return _detector_record(self)
+
+    def to_event(self) -> DetectorEvent:
+        """Return the stored event, parsed from ``payload``."""
+        return DetectorEvent.model_validate_json(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatedEventRow:
+    """One row of ``aggregated_events``: one published version of an event.
+
+    Its key is ``(aggregated_id, status)``; ``event_time_ms`` is the start time,
+    so the open and the closed row of one event land in the same partition.
+    """
+
+    aggregated_id: str
+    status: str
+    type: str
+    rule_id: str
+    event_id: str
+    detector: str
+    camera_id: str
+    site_id: str
+    zone_id: str
+    label: str
+    confidence: float | None
+    event_time_ms: int
+    end_time_ms: int
+    absorbed_count: int
+    tracker_id: str
+    position_x_m: float | None
+    position_y_m: float | None
+    payload: str
+    version: int
+
+    @classmethod
+    def from_record(cls, record: Sequence[Any]) -> AggregatedEventRow:
+        """Build a row from column values as a driver returns them."""
+        return cls(*record)
+
+    def key(self) -> tuple[str, ...]:
+        """Return what identifies this row in its table."""
+        return (self.aggregated_id, self.status)
+
+    def record(self) -> tuple[Any, ...]:
+        """Return the column values in table order."""
+        return _aggregated_record(self)
+
+    def to_event(self) -> AggregatedEvent:
+        """Return the stored event, parsed from ``payload``."""
+        return AggregatedEvent.model_validate_json(self.payload)
+
+
+_detector_record = operator.attrgetter(*DETECTOR_EVENTS.column_names)
+_aggregated_record = operator.attrgetter(*AGGREGATED_EVENTS.column_names)
+
+
+def detector_event_row(
+    event: DetectorEvent,
+    *,
+    outcome: Outcome = Outcome.KEPT,
+    kept_event_id: str | None = None,
+    inserted_at_ms: int,
+) -> DetectorEventRow:
+    """Return the ``detector_events`` row of one accepted event.
+
+    Args:
+        event: the event as ingested.
+        outcome: what deduplication decided.
+        kept_event_id: the event this one was folded into; defaults to the
+            event itself, and is required unless ``outcome`` is ``kept``.
+        inserted_at_ms: when the row is made (epoch ms), its version.
+
+    Raises:
+        ValueError: ``kept_event_id`` does not fit ``outcome``.
+    """
+    outcome = Outcome(outcome)
+    kept_id = _kept_event_id(event.event_id, outcome, kept_event_id)
+    position = event.position
+
+    return DetectorEventRow(
+        event_id=event.event_id,
+        outcome=outcome.value,
+        kept_event_id=kept_id,
+        source=event.source,
+        detector=str(event.detector),
+        camera_id=event.camera_id,
+        site_id=event.site_id or "",
+        zone_id=event.zone_id or "",
+        label=event.label,
+        confidence=event.confidence,
+        event_time_ms=event.event_time_ms,
+        tracker_id=event.tracker_id or "",
+        position_x_m=None if position is None else position.x_m,
+        position_y_m=None if position is None else position.y_m,
+        payload=event.model_dump_json(),
+        version=inserted_at_ms,
+    )
+
+
+def aggregated_event_row(
+    event: AggregatedEvent, *, inserted_at_ms: int
+) -> AggregatedEventRow:
+    """Return the ``aggregated_events`` row of one published event.
+
+    Args:
+        event: the event as published.
+        inserted_at_ms: when the row is made (epoch ms), its version.
+    """
+    inner = event.event
+    position = inner.position
+
+    return AggregatedEventRow(
+        aggregated_id=event.aggregated_id,
+        status=event.status,
+        type=event.type,
+        rule_id=event.rule_id,
+        event_id=inner.event_id,
+        detector=str(event.detector),
+        camera_id=event.camera_id,
+        site_id=event.site_id or "",
+        zone_id=inner.zone_id or "",
+        label=event.label,
+        confidence=inner.confidence,
+        event_time_ms=event.start_time_ms,
+        end_time_ms=event.end_time_ms,
+        absorbed_count=event.absorbed_count,
+        tracker_id=inner.tracker_id or "",
+        position_x_m=None if position is None else position.x_m,
+        position_y_m=None if position is None else position.y_m,
+        payload=event.model_dump_json(),
+        version=inserted_at_ms,
+    )
+
+
+def store_error_for_code(code: int | None, message: str) -> StoreError:
+    """Return our error for a ClickHouse error code: retriable ones are unavailable."""
+    if code in _RETRIABLE_CODES:
+        return StoreUnavailable(message)
+    return StoreError(message)
+
+
+def _kept_event_id(event_id: str, outcome: Outcome, kept_event_id: str | None) -> str:
+    if outcome is Outcome.KEPT:
+        if kept_event_id not in (None, event_id):
+            raise ValueError(
+                f"a kept event is its own kept event: event_id={event_id!r} "
+                f"kept_event_id={kept_event_id!r}"
+            )
+        return event_id
+
+    if not kept_event_id:
+        raise ValueError(f"outcome {outcome} needs the kept event id: {event_id!r}")
+    return kept_event_id
+
+
+class EventStore(abc.ABC):
+    """Where detector events and aggregated events are kept for queries and replay.
+
+    Inserts are idempotent: a batch written again (after a timeout, a crash, a
+    replayed spool) adds only the rows the store does not hold yet. Times are
+    UTC epoch milliseconds; a range ``since_ms, until_ms`` is half-open.
+    """
+
+    @abc.abstractmethod
+    def ensure_schema(self) -> None:
+        """Create the database and the tables if they are missing."""
+
+    @abc.abstractmethod
+    def insert_detector_events(self, rows: Sequence[DetectorEventRow]) -> int:
+        """Insert the rows not stored yet; return how many were inserted."""
+
+    @abc.abstractmethod
+    def insert_aggregated_events(self, rows: Sequence[AggregatedEventRow]) -> int:
+        """Insert the rows not stored yet; return how many were inserted."""
+
+    @abc.abstractmethod
+    def count_detector_events(
+        self,
+        *,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        camera_id: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> int:
+        """Return how many detector events match every filter given."""
+
+    @abc.abstractmethod
+    def count_aggregated_events(
+        self,
+        *,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        camera_id: str | None = None,
+        status: str | None = None,
+    ) -> int:
+        """Return how many aggregated event rows match every filter given."""
+
+    @abc.abstractmethod
+    def fetch_detector_events(
+        self,
+        since_ms: int,
+        until_ms: int,
+        camera_id: str | None = None,
+        limit: int = DEFAULT_FETCH_LIMIT,
+    ) -> list[DetectorEventRow]:
+        """Return detector events in ``[since_ms, until_ms)`` by event time."""
+
+    @abc.abstractmethod
+    def fetch_aggregated(
+        self, since_ms: int, until_ms: int, limit: int = DEFAULT_FETCH_LIMIT
+    ) -> list[AggregatedEventRow]:
+        """Return aggregated event rows starting in ``[since_ms, until_ms)``."""
+
+    @abc.abstractmethod
+    def drop_partitions_older_than(self, days: int) -> int:
+        """Drop every day older than ``days`` days; return how many partitions."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection; the store is not used afterwards."""
+
+
+class _StoredRow(Protocol):
+    @property
+    def event_time_ms(self) -> int: ...
+
+    def key(self) -> tuple[str, ...]: ...
+
+    def record(self) -> tuple[Any, ...]: ...
+
+
+_Row = TypeVar("_Row", bound=_StoredRow)
+
+
+class ClickHouseStore(EventStore):
+    """:class:`EventStore` in ClickHouse SQL; a backend adds the connection.
+
+    A backend implements ``_execute``, ``_select``, ``_insert`` and ``close``,
+    and raises only :class:`~aggregator_app.exceptions.StoreError` from them.
+
+    Exactness of inserts holds for one writer per table (the service has one
+    ``StoreWriter`` per process and partitions its input): two processes that
+    insert the same new key at the same moment may both insert it, and
+    ``ReplacingMergeTree`` then collapses the pair at its next merge.
+    """
+
+    def __init__(self, *, database: str, ttl_days: int | None) -> None:
+        quote_identifier(database)
+        self.database = database
+        self.ttl_days = ttl_days
+
+    @abc.abstractmethod
+    def _execute(self, sql: str) -> None:
+        """Run a statement that returns nothing."""
+
+    @abc.abstractmethod
+    def _select(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a query; return its rows as tuples of Python values."""
+
+    @abc.abstractmethod
+    def _insert(self, spec: TableSpec, records: list[tuple[Any, ...]]) -> None:
+        """Insert records (values in ``spec.column_names`` order) in one INSERT."""
+
+    def ensure_schema(self) -> None:
+        """Create the database and both tables if they are missing.
+
+        A server with table TTL also gets ``TTL event_time + INTERVAL
+        <ttl_days> DAY`` on both tables.
+        """
+        version = str(self._select("SELECT version()")[0][0])
+        ttl_days = self.ttl_days if supports_ttl(version) else None
+
+        self._execute(create_database_sql(self.database))
+        for spec in (DETECTOR_EVENTS, AGGREGATED_EVENTS):
+            self._execute(create_table_sql(self.database, spec, ttl_days=ttl_days))
+
+        logger.info(
+            "store schema ready: database=%s server_version=%s ttl_days=%s",
+            self.database,
+            version,
+            ttl_days,
+        )
+
+    def insert_detector_events(self, rows: Sequence[DetectorEventRow]) -> int:
+        """Insert the rows not stored yet; return how many were inserted."""
+        return self._insert_new(DETECTOR_EVENTS, rows)
+
+    def insert_aggregated_events(self, rows: Sequence[AggregatedEventRow]) -> int:
+        """Insert the rows not stored yet; return how many were inserted."""
+        return self._insert_new(AGGREGATED_EVENTS, rows)
+
+    def count_detector_events(
+        self,
+        *,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        camera_id: str | None = None,
+        outcome: Outcome | None = None,
+    ) -> int:
+        """Return how many detector events match every filter given."""
+        where = _where(
+            since_ms=since_ms,
+            until_ms=until_ms,
+            equal={"camera_id": camera_id, "outcome": outcome},
+        )
+        return self._count(DETECTOR_EVENTS, where)
+
+    def count_aggregated_events(
+        self,
+        *,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        camera_id: str | None = None,
+        status: str | None = None,
+    ) -> int:
+        """Return how many aggregated event rows match every filter given."""
+        where = _where(
+            since_ms=since_ms,
+            until_ms=until_ms,
+            equal={"camera_id": camera_id, "status": status},
+        )
+        return self._count(AGGREGATED_EVENTS, where)
+
+    def fetch_detector_events(
+        self,
+        since_ms: int,
+        until_ms: int,
+        camera_id: str | None = None,
+        limit: int = DEFAULT_FETCH_LIMIT,
+    ) -> list[DetectorEventRow]:
+        """Return detector events in ``[since_ms, until_ms)``.
+
+        Rows come in ``(event_time_ms, event_id)`` order. To page through more
+        than ``limit`` rows, ask again from the last row's ``event_time_ms`` and
+        skip the ids already seen at that millisecond.
+        """
+        where = _where(
+            since_ms=since_ms, until_ms=until_ms, equal={"camera_id": camera_id}
+        )
+        records = self._fetch(DETECTOR_EVENTS, where, limit=limit)
+        return [DetectorEventRow.from_record(record) for record in records]
+
+    def fetch_aggregated(
+        self, since_ms: int, until_ms: int, limit: int = DEFAULT_FETCH_LIMIT
+    ) -> list[AggregatedEventRow]:
+        """Return aggregated event rows starting in ``[since_ms, until_ms)``.
+
+        Rows come in ``(event_time_ms, aggregated_id, status)`` order, the open
+        row of an event before its closed row.
+        """
+        where = _where(since_ms=since_ms, until_ms=until_ms, equal={})
+        records = self._fetch(AGGREGATED_EVENTS, where, limit=limit)
+        return [AggregatedEventRow.from_record(record) for record in records]
+
+    def drop_partitions_older_than(self, days: int) -> int:
+        """Drop every daily partition that ended more than ``days`` days ago.
+
+        This is the retention of servers without TTL; it is harmless where TTL
+        runs too. Returns how many partitions were dropped over both tables.
+        """
+        cutoff_day = _utc_day_number(time.time_ns() // 1_000_000 - days * _DAY_MS)
+        dropped = 0
+        for spec in (DETECTOR_EVENTS, AGGREGATED_EVENTS):
+            dropped += self._drop_days_before(spec, cutoff_day)
+        return dropped
+
+    def _table(self, spec: TableSpec) -> str:
+        return f"{quote_identifier(self.database)}.{quote_identifier(spec.name)}"
+
+    def _insert_new(self, spec: TableSpec, rows: Sequence[_Row]) -> int:
+        """Insert the rows whose key the table does not hold yet.
+
+        1. Keep the first row of each key within the batch.
+        2. Ask, one UTC day (partition) at a time, which keys exist already.
+        3. Insert the rest in one INSERT; return how many rows that was.
+        """
+        # Step 1.
+        unique = list({row.key(): row for row in reversed(rows)}.values())
+        unique.reverse()
+
+        # Step 2.
+        existing = self._existing_keys(spec, unique)
+        fresh = [row for row in unique if row.key() not in existing]
+
+        # Step 3.
+        if fresh:
+            self._insert(spec, [row.record() for row in fresh])
+        if existing:
+            logger.info(
+                "skipped rows already stored: table=%s skipped=%d inserted=%d",
+                spec.name,
+                len(unique) - len(fresh),
+                len(fresh),
+            )
+        return len(fresh)
+
+    def _existing_keys(
+        self, spec: TableSpec, rows: Sequence[_StoredRow]
+    ) -> set[tuple[str, ...]]:
+        """Return the keys of ``rows`` that the table holds already.
+
+        One UTC day (partition) at a time: first read every key stored in the
+        day's time range, which is cheap while that range is sparse (a live
+        batch, a retry); if it holds more than a few times the batch, ask for the
+        batch's keys by name instead (a long ``IN`` list costs ~10 ms per 1000
+        keys to parse).
+        """
+        wanted = {row.key() for row in rows}
+        existing: set[tuple[str, ...]] = set()
+
+        for day_rows in _by_utc_day(rows):
+            time_range = _time_range(day_rows)
+            found = self._keys_in_range(
+                spec, time_range, limit=_RANGE_READ_FACTOR * len(day_rows)
+            )
+            if found is None:
+                found = self._keys_by_name(spec, time_range, day_rows)
+            existing |= found & wanted
+        return existing
+
+    def _keys_in_range(
+        self, spec: TableSpec, time_range: str, *, limit: int
+    ) -> set[tuple[str, ...]] | None:
+        """Return every key in the time range, or ``None`` if more than ``limit``."""
+        found = self._select(
+            f"SELECT {', '.join(spec.key)} FROM {self._table(spec)} "
+            f"WHERE {time_range} LIMIT {limit + 1}"
+        )
+        if len(found) > limit:
+            return None
+        return {_as_key(record) for record in found}
+
+    def _keys_by_name(
+        self, spec: TableSpec, time_range: str, rows: Sequence[_StoredRow]
+    ) -> set[tuple[str, ...]]:
+        """Return which keys of ``rows`` are stored, asking by name."""
+        key_columns = ", ".join(spec.key)
+        key_expr = key_columns if len(spec.key) == 1 else f"({key_columns})"
+        found: set[tuple[str, ...]] = set()
+
+        for chunk in _chunks(rows, _KEYS_PER_QUERY):
+            records = self._select(
+                f"SELECT {key_columns} FROM {self._table(spec)} "
+                f"WHERE {time_range} AND {key_expr} IN ({_key_list(chunk)})"
+            )
+            found.update(_as_key(record) for record in records)
+        return found
+
+    def _count(self, spec: TableSpec, where: str) -> int:
+        rows = self._select(f"SELECT count() FROM {self._table(spec)}{where}")
+        return int(rows[0][0])
+
+    def _fetch(
+        self, spec: TableSpec, where: str, *, limit: int
+    ) -> list[tuple[Any, ...]]:
+        columns = ", ".join(spec.column_names)
+        order = ", ".join(("event_time_ms", *spec.key))
+        return self._select(
+            f"SELECT {columns} FROM {self._table(spec)}{where} "
+            f"ORDER BY {order} LIMIT {int(limit)}"
+        )
+
+    def _drop_days_before(self, spec: TableSpec, cutoff_day: int) -> int:
+        partitions = self._select(
+            "SELECT DISTINCT partition_id FROM system.parts "
+            f"WHERE active AND database = {sql_string(self.database)} "
+            f"AND table = {sql_string(spec.name)}"
+        )
+        old = sorted(str(row[0]) for row in partitions if int(row[0]) < cutoff_day)
+
+        for partition_id in old:
+            self._execute(
+                f"ALTER TABLE {self._table(spec)} "
+                f"DROP PARTITION ID {sql_string(partition_id)}"
+            )
+        if old:
+            logger.info(
+                "dropped old partitions: table=%s before_day=%d partitions=%s",
+                spec.name,
+                cutoff_day,
+                ",".join(old),
+            )
+        return len(old)
+
+
+def _where(
+    *, since_ms: int | None, until_ms: int | None, equal: dict[str, str | None]
+) -> str:
+    """Return a WHERE clause (with a leading space) or ``""`` without filters.
+
+    A time bound filters ``event_time`` too, so that partitions and the sorting
+    key prune the scan; ``event_time_ms`` then makes the bound exact.
+    """
+    conditions: list[str] = []
+    if since_ms is not None:
+        conditions.append(f"event_time >= toDateTime({int(since_ms) // 1000})")
+        conditions.append(f"event_time_ms >= {int(since_ms)}")
+    if until_ms is not None:
+        conditions.append(f"event_time <= toDateTime({int(until_ms) // 1000})")
+        conditions.append(f"event_time_ms < {int(until_ms)}")
+    for column, value in equal.items():
+        if value is not None:
+            conditions.append(f"{column} = {sql_string(str(value))}")
+
+    return f" WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+def _time_range(rows: Sequence[_StoredRow]) -> str:
+    """Return the condition on ``event_time`` (seconds) that covers ``rows``."""
+    lo_s = min(row.event_time_ms for row in rows) // 1000
+    hi_s = max(row.event_time_ms for row in rows) // 1000
+    return f"event_time >= toDateTime({lo_s}) AND event_time <= toDateTime({hi_s})"
+
+
+def _as_key(record: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(value) for value in record)
+
+
+def _key_list(rows: Sequence[_StoredRow]) -> str:
+    keys = (row.key() for row in rows)
+    return ", ".join(_key_literal(key) for key in keys)
+
+
+def _key_literal(key: tuple[str, ...]) -> str:
+    if len(key) == 1:
+        return sql_string(key[0])
+    return "(" + ", ".join(sql_string(part) for part in key) + ")"
+
+
+def _by_utc_day(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
+    days: dict[int, list[_Row]] = {}
+    for row in rows:
+        days.setdefault(row.event_time_ms // _DAY_MS, []).append(row)
+    yield from days.values()
+
+
+def _chunks(rows: Sequence[_Row], size: int) -> Iterator[Sequence[_Row]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _utc_day_number(timestamp_ms: int) -> int:
+    """Return the UTC day of ``timestamp_ms`` as ``YYYYMMDD`` (a partition id)."""
+    return int(time.strftime("%Y%m%d", time.gmtime(timestamp_ms // 1000)))

@@ -1,0 +1,1 @@
+"""Faust tables of the service, found by autodiscovery."""

@@ -1,0 +1,61 @@
+"""The dedup table: spans by ``(dedup key, tumbling window)``, RocksDB-backed.
+
+A tumbling windowed table of ``window_s`` keyed by dedup key; every window holds
+the spans that started in it (see :mod:`aggregator_app.dedup`). It is read and
+written only inside the dedup agent, so its partitions follow the
+``detector-events`` topic (keyed by camera id): co-partitioned by construction.
+
+Faust expires windows by the wall clock, which would drop replayed or late
+data at once; the table is therefore declared without ``expires``, and the
+dedup agent deletes windows by event time (the partition's watermark) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+import orjson
+
+from aggregator_app.app import app, rules
+from aggregator_app.dedup import Span, WindowKey
+
+__all__ = ["TableSpanStore", "dedup_table"]
+
+dedup_table = app.Table(
+    "dedup-spans",
+    default=None,
+    partitions=rules.partitions,
+    schema=faust.Schema(key_serializer="json", value_serializer="raw"),
+    help="Dedup spans by (dedup key, 5 s tumbling window of event time).",
+).tumbling(rules.dedup.window_s, expires=None)
+
+
+class TableSpanStore:
+    """A :class:`~aggregator_app.dedup.SpanStore` over the dedup table.
+
+    Must be used inside the dedup agent's iteration: faust writes a table
+    change to the changelog partition of the event being processed.
+    """
+
+    def __init__(self, table: Any = dedup_table) -> None:
+        # The windowed wrapper picks windows by the current event's time; spans
+        # name their window explicitly, so the underlying table is used.
+        self.table = table.table
+        self._half_window_s = rules.dedup.window_s / 2
+
+    def _key(self, window: WindowKey) -> tuple[str, tuple[float, float]]:
+        key, start_ms = window
+        return key, self.table.window.current(start_ms / 1000 + self._half_window_s)
+
+    def get(self, window: WindowKey) -> list[Span] | None:
+        raw = self.table.get(self._key(window))
+        if raw is None:
+            return None
+        return [Span.from_json(item) for item in orjson.loads(raw)]
+
+    def put(self, window: WindowKey, spans: list[Span]) -> None:
+        self.table[self._key(window)] = orjson.dumps([span.to_json() for span in spans])
+
+    def delete(self, window: WindowKey) -> None:
+        self.table.pop(self._key(window), None)
