@@ -364,10 +364,13 @@ class ClickHouseStore(EventStore):
     A backend implements ``_execute``, ``_select``, ``_insert`` and ``close``,
     and raises only :class:`~aggregator_app.exceptions.StoreError` from them.
 
-    Exactness of inserts holds for one writer per table (the service has one
-    ``StoreWriter`` per process and partitions its input): two processes that
-    insert the same new key at the same moment may both insert it, and
-    ``ReplacingMergeTree`` then collapses the pair at its next merge.
+    Inserts are exact (each key stored once, counted at once) as long as one
+    writer at a time inserts a given key, and a retry starts after the attempt
+    it repeats has ended on the server. Two writers racing on one new key, or a
+    retry overtaking an INSERT the server is still running after the client
+    timed out, can store a key twice; ``ReplacingMergeTree(version)`` collapses
+    such a pair at its next merge. Counts and fetches read the rows as stored
+    (no ``FINAL``), so they would show such a pair until then.
     """
 
     def __init__(self, *, database: str, ttl_days: int | None) -> None:

@@ -125,10 +125,10 @@ class _Spool:
         if self._reader is not None and self._at_end(self._reader):
             self._finish_file()
 
-    def forget_count(self) -> None:
-        """Set the count to zero: every spool file has been read."""
+    def recount(self) -> None:
+        """Count the rows on disk again: the count said rows, the files had none."""
         with self._lock:
-            self.rows = 0
+            self.rows = sum(_count_lines(path) for path in self._files())
 
     def rewind(self) -> None:
         """Read the batch just read again next time (it was not stored)."""
@@ -267,9 +267,12 @@ class StoreWriter:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._halt = False
+        self._leftovers_spooled = False
         self._flush_waiters = 0
         self._schema_ready = False
         self._healthy = True
+        self._outage_started_s = 0.0
+        self._batches_per_pass = max_buffer_rows // batch_rows + 1
 
         self._detector = _Lane(
             table="detector_events",
@@ -383,9 +386,10 @@ class StoreWriter:
         if overflow:
             self._spool(lane, overflow)
             logger.warning(
-                "store buffer full, rows spooled: table=%s rows=%d",
+                "rows spooled to disk: table=%s rows=%d reason=%s",
                 lane.table,
                 len(overflow),
+                "stopped" if self._halt else "buffer_full",
             )
 
     def _running(self) -> bool:
@@ -422,13 +426,29 @@ class StoreWriter:
                 if self._halt:
                     break
 
-            self._healthy = self._write_pass_guarded()
-            backoff_s = 0.0 if self._healthy else self._next_backoff(backoff_s)
+            healthy = self._write_pass_guarded()
+            self._note_health(healthy)
+            backoff_s = 0.0 if healthy else self._next_backoff(backoff_s)
             with self._cond:
                 self._cond.notify_all()
 
         for lane in self._lanes:
             lane.spool.close()
+
+    def _note_health(self, healthy: bool) -> None:
+        """Log when the store goes away and when it is back (not every retry)."""
+        if healthy and not self._healthy:
+            logger.info(
+                "store reachable again: outage_s=%.1f backlog_rows=%d",
+                time.monotonic() - self._outage_started_s,
+                self.backlog_rows,
+            )
+        elif not healthy and self._healthy:
+            self._outage_started_s = time.monotonic()
+            logger.warning(
+                "store write failed, retrying with backoff: error=%s", self.last_error
+            )
+        self._healthy = healthy
 
     def _next_backoff(self, backoff_s: float) -> float:
         return min(self._retry_max_s, max(self._retry_initial_s, backoff_s * 2))
@@ -443,17 +463,21 @@ class StoreWriter:
             return False
 
     def _write_pass(self) -> bool:
-        """Write the buffers, then one spooled batch per table; False on an outage."""
+        """Write the buffers, then one spooled batch per table; False on an outage.
+
+        A pass writes at most one buffer's worth per table, so that a table
+        that is fed faster than it is written does not starve the other.
+        """
         try:
             self._ensure_schema()
             for lane in self._lanes:
-                while self._write_buffered(lane):
-                    pass
+                for _ in range(self._batches_per_pass):
+                    if not self._write_buffered(lane):
+                        break
             for lane in self._lanes:
                 self._write_spooled(lane)
         except StoreError as exc:
             self.last_error = str(exc)
-            logger.warning("store write failed, will retry: error=%s", exc)
             return False
         return True
 
@@ -478,7 +502,8 @@ class StoreWriter:
             self._insert(lane, lane.in_flight)
         except StoreUnavailable:
             with self._cond:
-                if not self._halt:
+                # Once stop has spooled the leftovers, these rows are among them.
+                if not self._leftovers_spooled:
                     lane.rows.extendleft(reversed(lane.in_flight))
                 lane.in_flight = []
             raise
@@ -498,7 +523,7 @@ class StoreWriter:
 
         records, lines = lane.spool.next_batch(self.batch_rows)
         if not lines:
-            lane.spool.forget_count()
+            lane.spool.recount()
             return
 
         rows = self._rows_from_records(lane, records)
@@ -560,6 +585,7 @@ class StoreWriter:
     def _spool_leftovers(self) -> None:
         for lane in self._lanes:
             with self._cond:
+                self._leftovers_spooled = True
                 rows = [*lane.in_flight, *lane.rows]
                 lane.rows.clear()
                 lane.in_flight = []

@@ -8,8 +8,10 @@ it does not answer, its tests fail when ``CI`` is set and are skipped otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +37,7 @@ from aggregator_app.store import (
     NativeStore,
     Outcome,
     StoreWriter,
+    StoreWriterService,
     aggregated_event_row,
     detector_event_row,
 )
@@ -78,9 +81,24 @@ def native_server() -> tuple[str, int]:
     return host, port
 
 
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
+@pytest.fixture(scope="module")
+def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Return this module's chdb directory, its engine open while the module runs.
+
+    chdb has one engine per process: it is closed after the module so that
+    other tests can open theirs elsewhere.
+    """
+    path = tmp_path_factory.mktemp("chdb")
+    keeper = EmbeddedStore(path)
+    yield path
+    keeper.close()
+
+
+@pytest.fixture(autouse=True)
+def no_writer_thread_left() -> Iterator[None]:
+    yield
+    left = [t.name for t in threading.enumerate() if t.name == "store-writer"]
+    assert not left, f"writer threads left running: {left}"
 
 
 @pytest.fixture(params=["native", "embedded"])
@@ -226,6 +244,25 @@ def test_overlapping_batch_adds_only_new_rows(
 
     assert inserted == 40
     assert store.count_detector_events() == 100
+
+
+def test_small_batch_in_a_dense_range_is_checked_by_key(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    # 100 stored rows in the batch's time range: more than 4 x 5, so the store
+    # asks for the batch's keys by name instead of reading the range.
+    store = store_factory(backend)
+    events = make_events(102)
+    store.insert_detector_events(rows_of(events[:100]))
+    store.insert_aggregated_events(aggregated_rows(events[:100]))
+    batch = [events[0], events[50], events[99], events[100], events[101]]
+
+    detector_inserted = store.insert_detector_events(rows_of(batch))
+    aggregated_inserted = store.insert_aggregated_events(aggregated_rows(batch))
+
+    assert (detector_inserted, aggregated_inserted) == (2, 2)
+    assert store.count_detector_events() == 102
+    assert store.count_aggregated_events() == 102
 
 
 def test_batch_over_several_days_is_checked_per_day(
@@ -536,3 +573,40 @@ def test_writer_batches_without_blocking_the_caller(
     assert submit_s < 0.5
     assert writer.rows_spooled == 0
     assert store.count_detector_events() == 2000
+
+
+def test_refused_batch_is_kept_for_an_operator(
+    backend: str,
+    store_factory: StoreFactory,
+    writer_factory: Callable[..., StoreWriter],
+    tmp_path: Path,
+) -> None:
+    store = store_factory(backend)
+    writer = writer_factory(store)
+    writer.start()
+    bad = dataclasses.replace(aggregated_rows(make_events(1))[0], status="bogus")
+
+    writer.submit_aggregated([bad])
+    writer.submit_detector(rows_of(make_events(5)))
+    assert writer.flush(timeout_s=20.0)
+
+    assert store.count_detector_events() == 5
+    assert store.count_aggregated_events() == 0
+    assert writer.rows_failed == 1
+    failed = tmp_path / "spool" / "aggregated_events.failed.jsonl"
+    assert len(failed.read_bytes().splitlines()) == 1
+
+
+async def test_writer_service_runs_with_the_app(
+    backend: str, store_factory: StoreFactory, tmp_path: Path
+) -> None:
+    store = store_factory(backend)
+    writer = StoreWriter(store, spool_dir=tmp_path / "spool", flush_interval_ms=20)
+    service = StoreWriterService(writer, stop_timeout_s=5.0)
+
+    await service.start()
+    writer.submit_detector(rows_of(make_events(10)))
+    await service.stop()
+
+    assert store.count_detector_events() == 10
+    assert writer.backlog_rows == 0
