@@ -70,13 +70,19 @@ async def _process(event: EventT, partition: int) -> None:
         detector_event = DetectorEvent.model_validate_json(event.message.value)
     except ValidationError as exc:
         # Only this service writes the topic: a bad record is a bug, not input.
-        logger.error("dedup: skipped invalid internal record: offset=%d error=%s",
-                     event.message.offset, exc)
+        logger.error(
+            "dedup: skipped invalid internal record: offset=%d error=%s",
+            event.message.offset,
+            exc,
+        )
         return
 
     _last_event_s[partition] = time.monotonic()
     watermark_ms = deduplicator.watermark_ms(partition)
-    if watermark_ms is not None and detector_event.event_time_ms < watermark_ms - _horizon_ms:
+    if (
+        watermark_ms is not None
+        and detector_event.event_time_ms < watermark_ms - _horizon_ms
+    ):
         counters.late += 1
 
     decision = deduplicator.observe(detector_event, partition, event.message.offset)

@@ -144,11 +144,15 @@ def dedup_keys(event: DetectorEvent, rule: DedupRule) -> tuple[str, list[str]]:
     return own, around
 
 
-def _position_cell(event: DetectorEvent, rule: DedupRule) -> tuple[str, int, int] | None:
+def _position_cell(
+    event: DetectorEvent, rule: DedupRule
+) -> tuple[str, int, int] | None:
     if event.position is not None:
         size_m = rule.cell_size_m
-        return "g", math.floor(event.position.x_m / size_m), math.floor(
-            event.position.y_m / size_m
+        return (
+            "g",
+            math.floor(event.position.x_m / size_m),
+            math.floor(event.position.y_m / size_m),
         )
     if event.bbox is not None:
         center_x, center_y = event.bbox.center()
@@ -209,7 +213,11 @@ class Deduplicator:
         if match is None:
             return self._open_span(own_key, event, partition, offset)
         window, span = match
-        if event.event_id == span.kept_id and offset >= 0 and offset == span.kept_offset:
+        if (
+            event.event_id == span.kept_id
+            and offset >= 0
+            and offset == span.kept_offset
+        ):
             return Decision(outcome="reprocessed", key=window[0], span=span)
         return self._absorb(window, span, event)
 
@@ -270,7 +278,9 @@ class Deduplicator:
     def take_dirty(self, partition: int) -> Iterator[tuple[WindowKey, list[Span]]]:
         """Yield every window of a partition changed since the last call."""
         cache = self._cache.get(partition, {})
-        changed = [window for window, owner in self._dirty.items() if owner == partition]
+        changed = [
+            window for window, owner in self._dirty.items() if owner == partition
+        ]
         for window in changed:
             del self._dirty[window]
             spans = cache.get(window)
@@ -315,7 +325,10 @@ class Deduplicator:
         for span in self._spans(window, partition):
             if span.closed:
                 continue
-            if force or watermark_ms >= span.start_ms + self._window_ms + self._grace_ms:
+            if (
+                force
+                or watermark_ms >= span.start_ms + self._window_ms + self._grace_ms
+            ):
                 span.closed = True
                 closed.append((window[0], span))
             else:
@@ -331,7 +344,11 @@ class Deduplicator:
         first = self.window_start_ms(time_ms - self._window_ms)
         found: list[Span] = []
         for cache in self._cache.values():
-            for start_ms in (first, first + self._window_ms, first + 2 * self._window_ms):
+            for start_ms in (
+                first,
+                first + self._window_ms,
+                first + 2 * self._window_ms,
+            ):
                 found.extend(cache.get((key, start_ms), ()))
         return found
 

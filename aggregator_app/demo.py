@@ -66,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--file", type=Path, default=_default_file())
-    parser.add_argument("--duplicates", type=float, default=0.05,
-                        help="share of records sent twice (default 0.05)")
-    parser.add_argument("--speed", default="max",
-                        help="replay speed factor, or max (default)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("AGGREGATOR_WEB_PORT", "8014")))
+    parser.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.05,
+        help="share of records sent twice (default 0.05)",
+    )
+    parser.add_argument(
+        "--speed", default="max", help="replay speed factor, or max (default)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("AGGREGATOR_WEB_PORT", "8014"))
+    )
     parser.add_argument("--timeout-s", type=float, default=300.0)
     return parser.parse_args(argv)
 
@@ -107,7 +114,9 @@ def _get_json(url: str) -> dict[str, Any] | None:
         return None
 
 
-def _wait_ready(base_url: str, worker: subprocess.Popen[bytes], *, timeout_s: float) -> None:
+def _wait_ready(
+    base_url: str, worker: subprocess.Popen[bytes], *, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if worker.poll() is not None:
@@ -121,17 +130,25 @@ def _wait_ready(base_url: str, worker: subprocess.Popen[bytes], *, timeout_s: fl
 
 def _replay(args: argparse.Namespace, env: dict[str, str]) -> int:
     command = [
-        sys.executable, "-m", "aggregator_app.replay", str(args.file),
-        "--format", "deepstream", "--speed", str(args.speed),
-        "--duplicates", str(args.duplicates), "--seed", "1",
+        sys.executable,
+        "-m",
+        "aggregator_app.replay",
+        str(args.file),
+        "--format",
+        "deepstream",
+        "--speed",
+        str(args.speed),
+        "--duplicates",
+        str(args.duplicates),
+        "--seed",
+        "1",
     ]
     logger.info("demo: replaying %s", args.file)
-    result = subprocess.run(command, cwd=_REPO_ROOT, env=env, check=True,
-                            stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(result.stdout)
-    fields = dict(
-        part.split("=", 1) for part in result.stdout.split() if "=" in part
+    result = subprocess.run(
+        command, cwd=_REPO_ROOT, env=env, check=True, stdout=subprocess.PIPE, text=True
     )
+    sys.stdout.write(result.stdout)
+    fields = dict(part.split("=", 1) for part in result.stdout.split() if "=" in part)
     return int(fields["sent"]) + int(fields.get("duplicates", "0"))
 
 

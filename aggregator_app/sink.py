@@ -58,7 +58,9 @@ def _open() -> StoreWriter:
             writer = StoreWriter(store, spool_dir=settings.data_dir / "spool")
             writer.start()
             _state.update(store=store, writer=writer)
-            logger.info("store: writer started: url=%s", settings.clickhouse_url or "embedded")
+            logger.info(
+                "store: writer started: url=%s", settings.clickhouse_url or "embedded"
+            )
         return _state["writer"]
 
 

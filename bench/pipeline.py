@@ -731,7 +731,7 @@ def start_worker(ctx: RunContext, cfg: BenchConfig) -> subprocess.Popen[bytes]:
     """Start one worker; its output goes to ``<tmp>/worker.log``."""
     log = (ctx.tmp_dir / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [str(VENV_BIN / "faust"), "-A", "aggregator_app", "worker", "-l", "warn"],
+        [str(VENV_BIN / "faust"), "-A", "aggregator_app", "worker", "-l", os.environ.get("BENCH_WORKER_LOG_LEVEL", "warn")],
         cwd=REPO,
         env=worker_env(ctx, cfg, free_port()),
         stdout=log,

@@ -393,7 +393,7 @@ class ClickHouseStore(EventStore):
     def ensure_schema(self) -> None:
         """Create the database and both tables if they are missing.
 
-        A server with table TTL also gets ``TTL event_time + INTERVAL
+        A server with table TTL also gets ``TTL inserted_at + INTERVAL
         <ttl_days> DAY`` on both tables.
         """
         version = str(self._select("SELECT version()")[0][0])

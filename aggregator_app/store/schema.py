@@ -157,15 +157,17 @@ def create_table_sql(database: str, spec: TableSpec, *, ttl_days: int | None) ->
     Args:
         database: the database that holds the table.
         spec: which table.
-        ttl_days: add ``TTL event_time + INTERVAL <n> DAY``; ``None`` for a
-            server without TTL (or to keep rows for ever).
+        ttl_days: add ``TTL inserted_at + INTERVAL <n> DAY``; ``None`` for a
+            server without TTL (or to keep rows for ever). Retention counts
+            from when a row was stored, not from its event time, so that a
+            replayed recording is kept as long as live data.
     """
     columns = (*spec.columns, *_DERIVED_COLUMNS)
     column_lines = ",\n    ".join(f"{name} {kind}" for name, kind in columns)
     sort_key = ", ".join(
         ("toStartOfHour(event_time)", "camera_id", "event_time_ms", *spec.key)
     )
-    ttl = "" if ttl_days is None else f"TTL event_time + INTERVAL {int(ttl_days)} DAY\n"
+    ttl = "" if ttl_days is None else f"TTL inserted_at + INTERVAL {int(ttl_days)} DAY\n"
 
     return (
         f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}."

@@ -58,7 +58,9 @@ def test_repeat_is_absorbed_and_recorded() -> None:
     dedup = make_dedup()
     dedup.observe(make_event(event_id="a"), partition=0)
 
-    decision = dedup.observe(make_event(event_id="b", time_ms=BASE_MS + 4999), partition=0)
+    decision = dedup.observe(
+        make_event(event_id="b", time_ms=BASE_MS + 4999), partition=0
+    )
 
     assert decision.outcome == "repeat"
     assert decision.span.absorbed_ids == ["b"]
@@ -69,14 +71,18 @@ def test_repeat_at_window_length_opens_new_span() -> None:
     dedup = make_dedup()
     dedup.observe(make_event(event_id="a"), partition=0)
 
-    decision = dedup.observe(make_event(event_id="b", time_ms=BASE_MS + WINDOW_MS), partition=0)
+    decision = dedup.observe(
+        make_event(event_id="b", time_ms=BASE_MS + WINDOW_MS), partition=0
+    )
 
     assert decision.outcome == "kept"
 
 
 def test_trackerless_events_match_in_neighbouring_cell() -> None:
     dedup = make_dedup()
-    dedup.observe(make_event(event_id="a", tracker_id=None, position=(9.99, 3.0)), partition=0)
+    dedup.observe(
+        make_event(event_id="a", tracker_id=None, position=(9.99, 3.0)), partition=0
+    )
 
     decision = dedup.observe(
         make_event(event_id="b", tracker_id=None, position=(10.01, 3.0)), partition=0
@@ -90,10 +96,14 @@ def test_span_closes_when_watermark_passes_window_and_grace() -> None:
     dedup.observe(make_event(event_id="a"), partition=0)
     dedup.observe(make_event(event_id="b", time_ms=BASE_MS + 1000), partition=0)
 
-    dedup.observe(make_event(event_id="c", tracker_id="9", time_ms=BASE_MS + 14_999), partition=0)
+    dedup.observe(
+        make_event(event_id="c", tracker_id="9", time_ms=BASE_MS + 14_999), partition=0
+    )
     assert dedup.close_due(partitions=[0]) == []
 
-    dedup.observe(make_event(event_id="d", tracker_id="9", time_ms=BASE_MS + 15_000), partition=0)
+    dedup.observe(
+        make_event(event_id="d", tracker_id="9", time_ms=BASE_MS + 15_000), partition=0
+    )
     closed = dedup.close_due(partitions=[0])
     assert [span.kept_id for _, span in closed] == ["a"]
     assert closed[0][1].absorbed_ids == ["b"]
@@ -106,7 +116,9 @@ def test_spans_survive_a_new_deduplicator_over_the_same_store() -> None:
     before.flush(0)
 
     after = Deduplicator(RULE, store)
-    decision = after.observe(make_event(event_id="b", time_ms=BASE_MS + 2000), partition=0)
+    decision = after.observe(
+        make_event(event_id="b", time_ms=BASE_MS + 2000), partition=0
+    )
 
     assert decision.outcome == "repeat"
 
@@ -138,14 +150,19 @@ def test_no_key_is_kept_twice_within_the_window(
 
     for index, (tracker, offset_ms) in enumerate(stream):
         event = make_event(
-            event_id=f"e{index}", tracker_id=tracker, time_ms=BASE_MS + shift_ms + offset_ms
+            event_id=f"e{index}",
+            tracker_id=tracker,
+            time_ms=BASE_MS + shift_ms + offset_ms,
         )
         if dedup.observe(event, partition=0).outcome == "kept":
             kept.setdefault(tracker, []).append(event.event_time_ms)
 
     for times in kept.values():
         times.sort()
-        assert all(later - earlier >= WINDOW_MS for earlier, later in zip(times, times[1:]))
+        assert all(
+            later - earlier >= WINDOW_MS
+            for earlier, later in zip(times, times[1:], strict=False)
+        )
 
 
 @settings(max_examples=200, deadline=None)
@@ -154,7 +171,9 @@ def test_distinct_keys_never_suppress_each_other(stream: list[tuple[str, int]]) 
     together = make_dedup()
     kept_together: set[str] = set()
     for index, (tracker, offset_ms) in enumerate(stream):
-        event = make_event(event_id=f"e{index}", tracker_id=tracker, time_ms=BASE_MS + offset_ms)
+        event = make_event(
+            event_id=f"e{index}", tracker_id=tracker, time_ms=BASE_MS + offset_ms
+        )
         if together.observe(event, partition=0).outcome == "kept":
             kept_together.add(event.event_id)
 
@@ -164,7 +183,9 @@ def test_distinct_keys_never_suppress_each_other(stream: list[tuple[str, int]]) 
         for index, (other, offset_ms) in enumerate(stream):
             if other != tracker:
                 continue
-            event = make_event(event_id=f"e{index}", tracker_id=tracker, time_ms=BASE_MS + offset_ms)
+            event = make_event(
+                event_id=f"e{index}", tracker_id=tracker, time_ms=BASE_MS + offset_ms
+            )
             if alone.observe(event, partition=0).outcome == "kept":
                 kept_apart.add(event.event_id)
 
@@ -178,7 +199,9 @@ def test_window_boundary_changes_nothing(offsets_ms: list[int], shift_ms: int) -
     dedup = make_dedup()
     start_ms = BASE_MS + shift_ms
     outcomes = [
-        dedup.observe(make_event(event_id=f"e{i}", time_ms=start_ms + offset), partition=0).outcome
+        dedup.observe(
+            make_event(event_id=f"e{i}", time_ms=start_ms + offset), partition=0
+        ).outcome
         for i, offset in enumerate(sorted(offsets_ms))
     ]
     assert outcomes[0] == "kept"

@@ -239,7 +239,7 @@ def test_ddl_uses_only_what_18_16_has(spec: object) -> None:
 def test_ddl_has_ttl_when_asked() -> None:
     sql = create_table_sql("db", DETECTOR_EVENTS, ttl_days=30)
 
-    assert "TTL event_time + INTERVAL 30 DAY" in sql
+    assert "TTL inserted_at + INTERVAL 30 DAY" in sql
 
 
 def test_sort_key_ends_with_the_row_key() -> None:

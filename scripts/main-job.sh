@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: install, start Kafka, run one worker, replay
+# the real DeepStream garage recording through it, and print what came out.
+# Extra arguments go to `python -m aggregator_app.demo` (see its --help).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+bash scripts/setup.sh
+bash scripts/kafka.sh start
+exec .venv/bin/python -m aggregator_app.demo "$@"
