@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-import orjson
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
@@ -30,7 +30,12 @@ from aggregator_app.app import app, rules
 from aggregator_app.dedup import Decision, Deduplicator, Span
 from aggregator_app.metrics import counters
 from aggregator_app.schema import AggregatedEvent, DetectorEvent
-from aggregator_app.topics import TICK_HEADER, aggregated_topic, detector_events_topic
+from aggregator_app.topics import (
+    TICK_HEADER,
+    aggregated_topic,
+    detector_events_topic,
+    has_header,
+)
 from tables.dedup import TableSpanStore
 
 __all__ = ["dedup_agent", "deduplicator"]
@@ -60,14 +65,12 @@ async def dedup_agent(stream: StreamT) -> None:
 
 
 def _is_tick(event: EventT) -> bool:
-    headers = event.message.headers or ()
-    pairs = headers.items() if isinstance(headers, dict) else headers
-    return any(name == TICK_HEADER for name, _ in pairs)
+    return has_header(event, TICK_HEADER)
 
 
 async def _process(event: EventT, partition: int) -> None:
     try:
-        detector_event = DetectorEvent.model_validate_json(event.message.value)
+        detector_event = DetectorEvent.model_validate_json(event.message.value or b"")
     except ValidationError as exc:
         # Only this service writes the topic: a bad record is a bug, not input.
         logger.error(
@@ -187,7 +190,7 @@ async def _tick_idle_partitions() -> None:
         )
 
 
-@app.on_partitions_revoked.connect
-async def _on_revoked(sender: object, revoked: object, **_: object) -> None:
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]  # stub wants a positional-only sender
+async def _on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     deduplicator.reset()
     logger.info("dedup: partitions revoked, span cache cleared")

@@ -24,6 +24,7 @@ from aggregator_app.metrics import counters
 from aggregator_app.topics import (
     dead_letter_topic,
     detector_events_topic,
+    has_header,
     source_topic,
 )
 from rules.config import SourceConfig
@@ -41,8 +42,6 @@ AgentFun = Callable[[StreamT], Coroutine[Any, Any, None]]
 
 def _raw_record(event: EventT) -> RawRecord:
     message = event.message
-    headers = message.headers or ()
-    pairs = headers.items() if isinstance(headers, dict) else headers
     return RawRecord(
         value=message.value,
         key=message.key,
@@ -50,7 +49,7 @@ def _raw_record(event: EventT) -> RawRecord:
         partition=message.partition,
         offset=message.offset,
         timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
-        replayed=any(name == REPLAY_HEADER for name, _ in pairs),
+        replayed=has_header(event, REPLAY_HEADER),
     )
 
 

@@ -5,8 +5,8 @@ Every error the service raises on purpose derives from :class:`AggregatorError`:
     AggregatorError
     ├── ConfigError             the rules file or a setting is invalid (at load time)
     ├── RejectedEvent           one input message cannot become an event (dead-lettered)
-    └── StoreError              the event store failed; ``retriable`` says whether to retry
-        └── StoreUnavailable    the store cannot be reached right now (retriable)
+    └── StoreError              the event store failed (``retriable``: try again?)
+        └── StoreUnavailable    the store cannot be reached right now
 
 Driver and client exceptions are mapped to these at the boundary that calls the
 driver, re-raised ``from`` the original.

@@ -1,17 +1,17 @@
 """Settings of a worker, read once from the environment.
 
-| variable | meaning | default |
-|---|---|---|
-| ``KAFKA_BOOTSTRAP`` | Kafka bootstrap servers, ``host:port[,host:port]`` | ``localhost:9092`` |
-| ``CLICKHOUSE_URL`` | ``clickhouse://host:port/db`` for a server, ``chdb:///dir`` embedded | embedded, ``<data>/chdb`` |
-| ``AGGREGATOR_RULES`` | path of the rules file | ``config/aggregation-rules.yml`` |
-| ``AGGREGATOR_DATA_DIR`` | where tables and the store spool live | ``.var`` |
-| ``AGGREGATOR_APP_ID`` | the consumer group and prefix of internal topics | ``aggregator`` |
-| ``AGGREGATOR_TOPIC_PREFIX`` | put before every topic name of the rules file | empty |
-| ``AGGREGATOR_WEB_PORT`` | the Faust web port | ``8014`` |
-| ``AGGREGATOR_GUARANTEE`` | ``at_least_once`` or ``exactly_once`` (Kafka transactions) | ``at_least_once`` |
-| ``AGGREGATOR_BATCH_EVENTS`` | most events an agent handles at once | ``2000`` |
-| ``AGGREGATOR_BATCH_WAIT_MS`` | longest an agent waits to fill a batch | ``5`` |
+- ``KAFKA_BOOTSTRAP``: bootstrap servers, ``host:port[,host:port]``
+  (``localhost:9092``).
+- ``CLICKHOUSE_URL``: ``clickhouse://host:port/db`` for a server,
+  ``chdb:///dir`` embedded (embedded in ``<data dir>/chdb``).
+- ``AGGREGATOR_RULES``: the rules file (``config/aggregation-rules.yml``).
+- ``AGGREGATOR_DATA_DIR``: tables, embedded store and spool (``.var``).
+- ``AGGREGATOR_APP_ID``: consumer group, prefix of internal topics
+  (``aggregator``).
+- ``AGGREGATOR_TOPIC_PREFIX``: put before every topic of the rules file.
+- ``AGGREGATOR_WEB_PORT``: the Faust web port (``8014``).
+- ``AGGREGATOR_GUARANTEE``: ``at_least_once`` (default) or ``exactly_once``
+  (Kafka transactions).
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class Settings:
     topic_prefix: str
     web_port: int
     guarantee: str
-    batch_events: int
-    batch_wait_s: float
 
     @property
     def broker_url(self) -> str:
@@ -61,7 +59,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     guarantee = env.get("AGGREGATOR_GUARANTEE", "at_least_once")
     if guarantee not in ("exactly_once", "at_least_once"):
         raise ConfigError(
-            f"AGGREGATOR_GUARANTEE must be exactly_once or at_least_once, not {guarantee!r}"
+            "AGGREGATOR_GUARANTEE must be exactly_once or at_least_once, "
+            f"not {guarantee!r}"
         )
 
     return Settings(
@@ -73,8 +72,6 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topic_prefix=env.get("AGGREGATOR_TOPIC_PREFIX", ""),
         web_port=_int(env, "AGGREGATOR_WEB_PORT", 8014),
         guarantee=guarantee,
-        batch_events=_int(env, "AGGREGATOR_BATCH_EVENTS", 2000),
-        batch_wait_s=_int(env, "AGGREGATOR_BATCH_WAIT_MS", 5) / 1000,
     )
 
 

@@ -8,7 +8,9 @@ records carry the event time as their timestamp.
 
 from __future__ import annotations
 
-from faust.types import TopicT
+from collections.abc import Mapping
+
+from faust.types import EventT, TopicT
 
 from aggregator_app.app import app, rules
 
@@ -17,6 +19,7 @@ __all__ = [
     "aggregated_topic",
     "dead_letter_topic",
     "detector_events_topic",
+    "has_header",
     "source_topic",
 ]
 
@@ -24,26 +27,34 @@ __all__ = [
 #: partition to close idle spans; it carries no event.
 TICK_HEADER = "x-aggregator-tick"
 
-# ``internal`` makes the worker create every topic with the partition count
-# above, instead of relying on the broker's auto-creation and its default count.
-_RAW = {"key_serializer": "raw", "value_serializer": "raw", "internal": True}
 
-detector_events_topic = app.topic(
-    f"{app.conf.id}-detector-events",
-    partitions=rules.partitions,
-    **_RAW,
-)
-aggregated_topic = app.topic(
-    rules.aggregated_topic, partitions=rules.partitions, **_RAW
-)
-dead_letter_topic = app.topic(
-    rules.dead_letter_topic, partitions=rules.partitions, **_RAW
-)
+def _raw_topic(name: str) -> TopicT:
+    # ``internal`` makes the worker create the topic with our partition count,
+    # instead of relying on the broker's auto-creation and its default count.
+    return app.topic(
+        name,
+        partitions=rules.partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=True,
+    )
 
 
 def source_topic(name: str) -> TopicT:
     """Return the topic of one detector source."""
-    return app.topic(name, partitions=rules.partitions, **_RAW)
+    return _raw_topic(name)
+
+
+def has_header(event: EventT, name: str) -> bool:
+    """Return whether the event's record carries a header called ``name``."""
+    headers = event.message.headers or ()
+    names = headers.keys() if isinstance(headers, Mapping) else (h[0] for h in headers)
+    return name in names
+
+
+detector_events_topic = _raw_topic(f"{app.conf.id}-detector-events")
+aggregated_topic = _raw_topic(rules.aggregated_topic)
+dead_letter_topic = _raw_topic(rules.dead_letter_topic)
 
 
 @app.task

@@ -167,7 +167,9 @@ def create_table_sql(database: str, spec: TableSpec, *, ttl_days: int | None) ->
     sort_key = ", ".join(
         ("toStartOfHour(event_time)", "camera_id", "event_time_ms", *spec.key)
     )
-    ttl = "" if ttl_days is None else f"TTL inserted_at + INTERVAL {int(ttl_days)} DAY\n"
+    ttl = ""
+    if ttl_days is not None:
+        ttl = f"TTL inserted_at + INTERVAL {int(ttl_days)} DAY\n"
 
     return (
         f"CREATE TABLE IF NOT EXISTS {quote_identifier(database)}."
