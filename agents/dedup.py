@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Any
 
-from faust.types import EventT, StreamT
+from faust.types import StreamT
 from pydantic import ValidationError
 
 from aggregator_app import sink
@@ -38,7 +38,7 @@ from aggregator_app.topics import (
 )
 from tables.dedup import TableSpanStore
 
-__all__ = ["dedup_agent", "deduplicator"]
+__all__ = ["dedup_agent", "deduplicate", "deduplicator"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,28 +58,36 @@ _last_flush_s: dict[int, float] = {}
 async def dedup_agent(stream: StreamT) -> None:
     """Deduplicate detector events and publish observations."""
     async for event in stream.events():
-        partition = event.message.partition
-        if not _is_tick(event):
-            await _process(event, partition)
-        await _maybe_close(partition, force=_is_tick(event))
-
-
-def _is_tick(event: EventT) -> bool:
-    return has_header(event, TICK_HEADER)
-
-
-async def _process(event: EventT, partition: int) -> None:
-    try:
-        detector_event = DetectorEvent.model_validate_json(event.message.value or b"")
-    except ValidationError as exc:
-        # Only this service writes the topic: a bad record is a bug, not input.
-        logger.error(
-            "dedup: skipped invalid internal record: offset=%d error=%s",
-            event.message.offset,
-            exc,
+        message = event.message
+        if has_header(event, TICK_HEADER):
+            await _maybe_close(message.partition, force=True)
+            continue
+        try:
+            detector_event = DetectorEvent.model_validate_json(message.value or b"")
+        except ValidationError as exc:
+            # Only this service writes the topic: a bad record is a bug, not input.
+            logger.error(
+                "dedup: skipped invalid internal record: offset=%d error=%s",
+                message.offset,
+                exc,
+            )
+            continue
+        await deduplicate(
+            detector_event,
+            partition=message.partition,
+            position=f"{message.topic}/{message.partition}/{message.offset}",
         )
-        return
 
+
+async def deduplicate(
+    detector_event: DetectorEvent, *, partition: int, position: str
+) -> None:
+    """Deduplicate one event of the partition being processed, and publish.
+
+    Must run inside the iteration of an agent whose current record is in
+    ``partition`` of a topic co-partitioned with the dedup table: the ingest
+    agents call it directly for records already keyed by camera id.
+    """
     _last_event_s[partition] = time.monotonic()
     watermark_ms = deduplicator.watermark_ms(partition)
     if (
@@ -88,7 +96,7 @@ async def _process(event: EventT, partition: int) -> None:
     ):
         counters.late += 1
 
-    decision = deduplicator.observe(detector_event, partition, event.message.offset)
+    decision = deduplicator.observe(detector_event, partition, position)
     _count(decision)
     if decision.outcome in ("kept", "reprocessed"):
         # A keep is written at once: a restart must not forget it.
@@ -98,6 +106,7 @@ async def _process(event: EventT, partition: int) -> None:
     else:
         _maybe_flush(partition)
     sink.detector_event(detector_event, decision)
+    await _maybe_close(partition, force=False)
 
 
 def _maybe_flush(partition: int) -> None:

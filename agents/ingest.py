@@ -1,11 +1,16 @@
 """One ingest agent per detector source declared in the rules file.
 
 Each agent reads its topic's raw bytes, turns every message into unified
-events (:func:`aggregator_app.ingest.parse_record`), forwards them to
-``detector-events`` keyed by camera id with the event time as the record
-timestamp, and copies every rejected message byte for byte to the dead-letter
-topic with the reason in its headers. Nothing raises out of the loop: a worker
-never stops on bad input.
+events (:func:`aggregator_app.ingest.parse_record`) and copies every rejected
+message byte for byte to the dead-letter topic with the reason in its headers.
+Nothing raises out of the loop: a worker never stops on bad input.
+
+An accepted event goes on to deduplication. When its record already sits in
+its camera's partition (the producer keyed it by camera id, as asked), it is
+deduplicated here, at once: every topic has the same partition count, so the
+dedup table's partition is this worker's too. Otherwise it is re-keyed to
+``detector-events`` by camera id, with the event time as the record
+timestamp, and the dedup agent takes it from there.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from faust.types import EventT, StreamT
 
+from agents.dedup import deduplicate
 from aggregator_app.app import app, rules
 from aggregator_app.exceptions import RejectedEvent
 from aggregator_app.ingest import RawRecord, dead_letter_headers, parse_record
@@ -25,6 +31,7 @@ from aggregator_app.topics import (
     dead_letter_topic,
     detector_events_topic,
     has_header,
+    partition_for_camera,
     source_topic,
 )
 from rules.config import SourceConfig
@@ -70,8 +77,14 @@ async def _forward(event: EventT, source: SourceConfig) -> None:
         return
 
     counters.accepted_messages += 1
-    for detector_event in detector_events:
+    for index, detector_event in enumerate(detector_events):
         counters.accepted_events += 1
+        if partition_for_camera(detector_event.camera_id) == record.partition:
+            position = f"{record.topic}/{record.partition}/{record.offset}/{index}"
+            await deduplicate(
+                detector_event, partition=record.partition, position=position
+            )
+            continue
         await detector_events_topic.send(
             key=detector_event.camera_id.encode(),
             value=detector_event.model_dump_json().encode(),

@@ -56,7 +56,7 @@ class Span:
     last_ms: int
     partition: int
     kept_json: str
-    kept_offset: int = -1
+    kept_position: str = ""
     absorbed_count: int = 0
     absorbed_ids: list[str] = field(default_factory=list)
     closed: bool = False
@@ -69,7 +69,7 @@ class Span:
             "last_ms": self.last_ms,
             "partition": self.partition,
             "kept_json": self.kept_json,
-            "kept_offset": self.kept_offset,
+            "kept_position": self.kept_position,
             "absorbed_count": self.absorbed_count,
             "absorbed_ids": self.absorbed_ids,
             "closed": self.closed,
@@ -188,15 +188,15 @@ class Deduplicator:
         return self._watermark_ms.get(partition)
 
     def observe(
-        self, event: DetectorEvent, partition: int, offset: int = -1
+        self, event: DetectorEvent, partition: int, position: str = ""
     ) -> Decision:
         """Decide whether ``event`` is kept, a repeat or a redelivery.
 
-        ``offset`` is the event's position in its partition. The kept event
-        seen again at the same offset is not a redelivery but this worker (or
-        the one before it) reading it again after a restart: the outcome is
-        ``reprocessed``, and its observation may be published again, with the
-        same id.
+        ``position`` says where the event was read (topic, partition, offset).
+        The kept event seen again at the same position is not a redelivery but
+        this worker (or the one before it) reading it again after a restart:
+        the outcome is ``reprocessed``, and its observation may be published
+        again, with the same id.
 
         Steps:
             1. Advance the partition's watermark.
@@ -211,12 +211,12 @@ class Deduplicator:
         match = self._find_span(keys, time_ms, partition)
 
         if match is None:
-            return self._open_span(own_key, event, partition, offset)
+            return self._open_span(own_key, event, partition, position)
         window, span = match
         if (
-            event.event_id == span.kept_id
-            and offset >= 0
-            and offset == span.kept_offset
+            position
+            and event.event_id == span.kept_id
+            and position == span.kept_position
         ):
             return Decision(outcome="reprocessed", key=window[0], span=span)
         return self._absorb(window, span, event)
@@ -246,7 +246,7 @@ class Deduplicator:
         return spans
 
     def _open_span(
-        self, key: str, event: DetectorEvent, partition: int, offset: int
+        self, key: str, event: DetectorEvent, partition: int, position: str
     ) -> Decision:
         time_ms = event.event_time_ms
         window = (key, self.window_start_ms(time_ms))
@@ -256,7 +256,7 @@ class Deduplicator:
             last_ms=time_ms,
             partition=partition,
             kept_json=event.model_dump_json(),
-            kept_offset=offset,
+            kept_position=position,
         )
         self._spans(window, partition).append(span)
         self._open[window] = partition

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from aiokafka.partitioner import murmur2
 from faust.types import EventT, TopicT
 
 from aggregator_app.app import app, rules
@@ -20,6 +21,7 @@ __all__ = [
     "dead_letter_topic",
     "detector_events_topic",
     "has_header",
+    "partition_for_camera",
     "source_topic",
 ]
 
@@ -43,6 +45,15 @@ def _raw_topic(name: str) -> TopicT:
 def source_topic(name: str) -> TopicT:
     """Return the topic of one detector source."""
     return _raw_topic(name)
+
+
+def partition_for_camera(camera_id: str) -> int:
+    """Return the partition that holds a camera's events and dedup state.
+
+    The same as the Kafka producers' default partitioner gives a record keyed
+    by the camera id, in a topic of ``rules.partitions`` partitions.
+    """
+    return (murmur2(camera_id.encode()) & 0x7FFFFFFF) % rules.partitions
 
 
 def has_header(event: EventT, name: str) -> bool:

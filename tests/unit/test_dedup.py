@@ -214,3 +214,14 @@ def test_dedup_keys_separate_cameras_and_detectors() -> None:
     other_detector, _ = dedup_keys(make_event(detector="person", label="person"), RULE)
 
     assert len({one, other_camera, other_detector}) == 3
+
+
+def test_kept_event_read_again_at_same_position_is_reprocessed() -> None:
+    dedup = make_dedup()
+    dedup.observe(make_event(event_id="a"), partition=0, position="t/0/5")
+
+    again = dedup.observe(make_event(event_id="a"), partition=0, position="t/0/5")
+    retried = dedup.observe(make_event(event_id="a"), partition=0, position="t/0/9")
+
+    assert again.outcome == "reprocessed"
+    assert retried.outcome == "redelivery"
