@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import faust
-import orjson
 
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Span, WindowKey
@@ -26,7 +25,7 @@ dedup_table = app.Table(
     "dedup-spans",
     default=None,
     partitions=rules.partitions,
-    schema=faust.Schema(key_serializer="json", value_serializer="raw"),
+    schema=faust.Schema(key_serializer="json", value_serializer="json"),
     help="Dedup spans by (dedup key, 5 s tumbling window of event time).",
 ).tumbling(rules.dedup.window_s, expires=None)
 
@@ -49,13 +48,13 @@ class TableSpanStore:
         return key, self.table.window.current(start_ms / 1000 + self._half_window_s)
 
     def get(self, window: WindowKey) -> list[Span] | None:
-        raw = self.table.get(self._key(window))
-        if raw is None:
+        stored = self.table.get(self._key(window))
+        if stored is None:
             return None
-        return [Span.from_json(item) for item in orjson.loads(raw)]
+        return [Span.from_json(item) for item in stored]
 
     def put(self, window: WindowKey, spans: list[Span]) -> None:
-        self.table[self._key(window)] = orjson.dumps([span.to_json() for span in spans])
+        self.table[self._key(window)] = [span.to_json() for span in spans]
 
     def delete(self, window: WindowKey) -> None:
         self.table.pop(self._key(window), None)

@@ -414,7 +414,7 @@ def test_tables_get_ttl_where_the_server_has_it(
         _query(store, f"SHOW CREATE TABLE `{store.database}`.detector_events")[0][0]
     )
 
-    assert ("TTL event_time + toIntervalDay(30)" in ddl) is supports_ttl(version)
+    assert ("TTL inserted_at + toIntervalDay(30)" in ddl) is supports_ttl(version)
 
 
 def test_ensure_schema_twice_keeps_the_rows(
