@@ -4,8 +4,8 @@ It reads ``detector-events`` (keyed by camera id, so every dedup key of a
 camera meets this agent on one partition) and, for every event:
 
 1. decides kept / repeat / redelivery (:class:`~aggregator_app.dedup.Deduplicator`);
-2. writes a kept event's window to the dedup table at once, in the event's
-   partition, and absorbed repeats at most every ``_FLUSH_EVERY_S``;
+2. writes the changed window to the dedup table at once, in the event's
+   partition;
 3. publishes a kept event at once as an ``open`` observation (again, with the
    same id, when it is read again after a restart);
 4. now and then, closes the spans that the partition's watermark has passed
@@ -36,22 +36,21 @@ from aggregator_app.topics import (
     detector_events_topic,
     has_header,
 )
-from tables.dedup import TableSpanStore
+from tables.dedup import TableSpanStore, dedup_table
 
 __all__ = ["dedup_agent", "deduplicate", "deduplicator"]
 
 logger = logging.getLogger(__name__)
 
 _CLOSE_EVERY_S = 0.2
-_FLUSH_EVERY_S = 0.1
 _rule = rules.dedup
 _window_ms = int(_rule.window_s * 1000)
 _horizon_ms = 2 * _window_ms + int(_rule.grace_s * 1000)
 
-deduplicator = Deduplicator(_rule, TableSpanStore())
+_span_store = TableSpanStore()
+deduplicator = Deduplicator(_rule, _span_store)
 _last_close_s: dict[int, float] = {}
 _last_event_s: dict[int, float] = {}
-_last_flush_s: dict[int, float] = {}
 
 
 @app.agent(detector_events_topic, name="dedup")
@@ -98,28 +97,13 @@ async def deduplicate(
 
     decision = deduplicator.observe(detector_event, partition, position)
     _count(decision)
+    # Every change is written at once, in this event's partition: a graceful
+    # stop commits the offset of this event, so nothing would write it later.
+    deduplicator.flush(partition)
     if decision.outcome in ("kept", "reprocessed"):
-        # A keep is written at once: a restart must not forget it.
-        deduplicator.flush(partition)
-        _last_flush_s[partition] = time.monotonic()
         await _publish(detector_event, decision.span, status="open")
-    else:
-        _maybe_flush(partition)
     sink.detector_event(detector_event, decision)
     await _maybe_close(partition, force=False)
-
-
-def _maybe_flush(partition: int) -> None:
-    """Write absorbed repeats to the table, at most every ``_FLUSH_EVERY_S``.
-
-    Repeats not yet written when a worker dies are read again from Kafka by
-    the next owner (they come after the last committed offset), so they are
-    absorbed again rather than lost.
-    """
-    now_s = time.monotonic()
-    if now_s - _last_flush_s.get(partition, 0.0) >= _FLUSH_EVERY_S:
-        deduplicator.flush(partition)
-        _last_flush_s[partition] = now_s
 
 
 def _count(decision: Decision) -> None:
@@ -197,6 +181,24 @@ async def _tick_idle_partitions() -> None:
         await detector_events_topic.send(
             value=b"", partition=tp.partition, headers=[(TICK_HEADER, b"1")]
         )
+
+
+@dedup_table.table.on_recover
+async def _on_recovered() -> None:
+    """Track again the spans this worker holds, so that open ones still close.
+
+    Runs after every rebalance, once the table is restored from its changelog.
+    A partition counts as quiet from now on: with no event for
+    ``close_after_idle_s``, its open spans close by the idle tick.
+    """
+    now_s = time.monotonic()
+    windows = 0
+    for window, spans in _span_store.windows():
+        deduplicator.load(window, spans)
+        if spans:
+            _last_event_s.setdefault(spans[0].partition, now_s)
+        windows += 1
+    logger.info("dedup: spans restored: windows=%d", windows)
 
 
 @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # stub wants a positional-only sender

@@ -339,6 +339,22 @@ class Deduplicator:
             self._open.pop(window, None)
         return closed
 
+    def load(self, window: WindowKey, spans: list[Span]) -> None:
+        """Take in a window read back from the store after a restart.
+
+        Its open spans are tracked again, so that they close, and the
+        partition's watermark starts at the latest time they saw.
+        """
+        if not spans:
+            return
+        partition = spans[0].partition
+        self._cache.setdefault(partition, {})[window] = spans
+        latest_ms = max(span.last_ms for span in spans)
+        if latest_ms > self._watermark_ms.get(partition, -1):
+            self._watermark_ms[partition] = latest_ms
+        if any(not span.closed for span in spans):
+            self._open[window] = partition
+
     def spans_near(self, key: str, time_ms: int) -> list[Span]:
         """Return the cached spans of ``key`` in the windows around ``time_ms``."""
         first = self.window_start_ms(time_ms - self._window_ms)

@@ -12,6 +12,7 @@ dedup agent deletes windows by event time (the partition's watermark) instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import faust
@@ -55,6 +56,12 @@ class TableSpanStore:
 
     def put(self, window: WindowKey, spans: list[Span]) -> None:
         self.table[self._key(window)] = [span.to_json() for span in spans]
+
+    def windows(self) -> Iterator[tuple[WindowKey, list[Span]]]:
+        """Yield every window this worker holds, active and standby partitions."""
+        for (key, (start_s, _end_s)), stored in self.table.data.items():
+            spans = [Span.from_json(item) for item in stored]
+            yield (key, round(start_s * 1000)), spans
 
     def delete(self, window: WindowKey) -> None:
         self.table.pop(self._key(window), None)
