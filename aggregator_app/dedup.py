@@ -144,6 +144,37 @@ def dedup_keys(event: DetectorEvent, rule: DedupRule) -> tuple[str, list[str]]:
     return own, around
 
 
+_Position = tuple[str, int, int, int]
+
+
+def _parse_position(position: str) -> _Position | None:
+    """Split ``topic/partition/offset[/index]``; ``None`` if it is not one."""
+    parts = position.rsplit("/", 3)
+    if len(parts) == 3:
+        parts.append("0")
+    try:
+        topic, partition, offset, index = parts
+        return topic, int(partition), int(offset), int(index)
+    except ValueError:
+        return None
+
+
+def _kept_later(span: Span, position: _Position | None) -> bool:
+    """Return whether a span was opened by a record after ``position``.
+
+    After a worker dies, the dedup table may hold spans written after the last
+    committed offset. The records from that offset on are read again; a span
+    opened by a later record of the same partition does not exist yet at that
+    point of the stream, and must not absorb them.
+    """
+    if position is None or not span.kept_position:
+        return False
+    kept = _parse_position(span.kept_position)
+    if kept is None or kept[:2] != position[:2]:
+        return False
+    return kept[2:] > position[2:]
+
+
 def _position_cell(
     event: DetectorEvent, rule: DedupRule
 ) -> tuple[str, int, int] | None:
@@ -208,7 +239,7 @@ class Deduplicator:
             self._watermark_ms[partition] = time_ms
 
         own_key, keys = dedup_keys(event, self.rule)
-        match = self._find_span(keys, time_ms, partition)
+        match = self._find_span(keys, time_ms, partition, _parse_position(position))
 
         if match is None:
             return self._open_span(own_key, event, partition, position)
@@ -222,7 +253,11 @@ class Deduplicator:
         return self._absorb(window, span, event)
 
     def _find_span(
-        self, keys: list[str], time_ms: int, partition: int
+        self,
+        keys: list[str],
+        time_ms: int,
+        partition: int,
+        position: _Position | None,
     ) -> tuple[WindowKey, Span] | None:
         window_ms = self._window_ms
         first = self.window_start_ms(time_ms - window_ms)
@@ -230,8 +265,11 @@ class Deduplicator:
             for start_ms in (first, first + window_ms, first + 2 * window_ms):
                 window = (key, start_ms)
                 for span in self._spans(window, partition):
-                    if abs(time_ms - span.start_ms) < window_ms:
-                        return window, span
+                    if abs(time_ms - span.start_ms) >= window_ms:
+                        continue
+                    if _kept_later(span, position):
+                        continue
+                    return window, span
         return None
 
     def _spans(self, window: WindowKey, partition: int) -> list[Span]:

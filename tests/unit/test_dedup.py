@@ -225,3 +225,14 @@ def test_kept_event_read_again_at_same_position_is_reprocessed() -> None:
 
     assert again.outcome == "reprocessed"
     assert retried.outcome == "redelivery"
+
+
+def test_span_opened_by_a_later_record_does_not_absorb_an_earlier_one() -> None:
+    """After a crash, records are read again while the table already holds
+    the spans they went on to open; the stream must replay as it ran."""
+    dedup = make_dedup()
+    dedup.observe(make_event(event_id="late", time_ms=BASE_MS + 3000), 0, "t/0/9")
+
+    earlier = dedup.observe(make_event(event_id="early"), 0, "t/0/4")
+
+    assert earlier.outcome == "kept"
