@@ -141,6 +141,13 @@ async def _publish_closed(span: Span) -> None:
 
 
 async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
+    """Publish an observation: ``open`` as it was when kept, or ``closed``.
+
+    An ``open`` observation carries nothing absorbed, even when it is published
+    again after a restart and the span has absorbed events since: published
+    twice, it is the same record twice.
+    """
+    is_open = status == "open"
     aggregated = AggregatedEvent(
         aggregated_id=f"{_rule.rule_id}:{event.event_id}",
         type="observation",
@@ -151,9 +158,9 @@ async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
         detector=event.detector,
         label=event.label,
         start_time_ms=span.start_ms,
-        end_time_ms=span.last_ms,
-        absorbed_count=span.absorbed_count,
-        absorbed_ids=list(span.absorbed_ids),
+        end_time_ms=span.start_ms if is_open else span.last_ms,
+        absorbed_count=0 if is_open else span.absorbed_count,
+        absorbed_ids=[] if is_open else list(span.absorbed_ids),
         event=event,
     )
     await aggregated_topic.send(
@@ -161,7 +168,7 @@ async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
         value=aggregated.model_dump_json().encode(),
         timestamp=span.start_ms / 1000,
     )
-    if status == "open":
+    if is_open:
         counters.published_open += 1
     else:
         counters.published_closed += 1

@@ -380,16 +380,15 @@ class Deduplicator:
     def load(self, window: WindowKey, spans: list[Span]) -> None:
         """Take in a window read back from the store after a restart.
 
-        Its open spans are tracked again, so that they close, and the
-        partition's watermark starts at the latest time they saw.
+        Its open spans are tracked again, so that they close. The partition's
+        watermark is not moved: the records after the last committed offset
+        are read again, older than these spans, and must not find them closed
+        and forgotten already.
         """
         if not spans:
             return
         partition = spans[0].partition
         self._cache.setdefault(partition, {})[window] = spans
-        latest_ms = max(span.last_ms for span in spans)
-        if latest_ms > self._watermark_ms.get(partition, -1):
-            self._watermark_ms[partition] = latest_ms
         if any(not span.closed for span in spans):
             self._open[window] = partition
 

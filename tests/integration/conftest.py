@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,7 +41,9 @@ from aggregator_app.timeparse import to_epoch_ms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092")
-CLICKHOUSE_TEST_URL = os.environ.get("CLICKHOUSE_TEST_URL", "clickhouse://127.0.0.1:9000")
+CLICKHOUSE_TEST_URL = os.environ.get(
+    "CLICKHOUSE_TEST_URL", "clickhouse://127.0.0.1:9000"
+)
 
 #: Header the replay tool sets (``agents.ingest.REPLAY_HEADER``); not imported
 #: from there, as importing ``agents`` registers the service's agents.
@@ -66,7 +68,7 @@ ReadTopic = Callable[..., list[ConsumerRecord]]
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     item.stash.setdefault(_PHASE_REPORTS, {})[report.when] = report
     return report
@@ -211,8 +213,14 @@ class WorkerHandle:
         self.log_paths.append(log_path)
         with log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [str(REPO_ROOT / ".venv/bin/faust"), "-A", "aggregator_app",
-                 "worker", "-l", "info"],
+                [
+                    str(REPO_ROOT / ".venv/bin/faust"),
+                    "-A",
+                    "aggregator_app",
+                    "worker",
+                    "-l",
+                    "info",
+                ],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdout=log,
@@ -296,9 +304,7 @@ class WorkerHandle:
             self.topic("detections.deepstream"),
             self.internal_topic("detector-events"),
         ]
-        return asyncio.run(
-            _group_lag(self.env["KAFKA_BOOTSTRAP"], self.app_id, topics)
-        )
+        return asyncio.run(_group_lag(self.env["KAFKA_BOOTSTRAP"], self.app_id, topics))
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a query on the worker's ClickHouse server database."""
@@ -330,19 +336,30 @@ class WorkerHandle:
         return self._process
 
 
+async def _partitions(bootstrap: str, topics: Sequence[str]) -> list[TopicPartition]:
+    """Return the partitions of the topics that exist, in order."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return sorted(
+        TopicPartition(topic["topic"], partition["partition"])
+        for topic in described
+        if topic["error_code"] == 0
+        for partition in topic["partitions"]
+    )
+
+
 async def _group_lag(bootstrap: str, group_id: str, topics: Sequence[str]) -> int:
+    partitions = await _partitions(bootstrap, topics)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await admin.start()
     await consumer.start()
     try:
-        await consumer.topics()
         committed = await admin.list_consumer_group_offsets(group_id)
-        partitions = [
-            TopicPartition(topic, partition)
-            for topic in topics
-            for partition in sorted(consumer.partitions_for_topic(topic) or ())
-        ]
         ends = await consumer.end_offsets(partitions)
     finally:
         await consumer.stop()
@@ -422,6 +439,24 @@ def worker_factory(
             client.execute(f"DROP DATABASE IF EXISTS `{database}`")
         finally:
             client.disconnect()
+    asyncio.run(_delete_run_topics(kafka_bootstrap, [h.run_id for h in handles]))
+
+
+async def _delete_run_topics(bootstrap: str, run_ids: Sequence[str]) -> None:
+    """Delete the topics of these runs: ``<run>.<name>`` and ``<run>-<name>``."""
+    prefixes = tuple(f"{run_id}{sep}" for run_id in run_ids for sep in ".-")
+    if not prefixes:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        topics = [
+            name for name in await admin.list_topics() if name.startswith(prefixes)
+        ]
+        if topics:
+            await admin.delete_topics(topics)
+    finally:
+        await admin.close()
 
 
 # Records.
@@ -519,7 +554,9 @@ def read_topic(kafka_bootstrap: str) -> ReadTopic:
         )
         await consumer.start()
         try:
-            return await _read_all(consumer, topic, count=count, timeout_s=timeout_s)
+            return await _read_all(
+                consumer, kafka_bootstrap, topic, count=count, timeout_s=timeout_s
+            )
         finally:
             await consumer.stop()
 
@@ -532,19 +569,21 @@ def read_topic(kafka_bootstrap: str) -> ReadTopic:
 
 
 async def _read_all(
-    consumer: AIOKafkaConsumer, topic: str, *, count: int, timeout_s: float
+    consumer: AIOKafkaConsumer,
+    bootstrap: str,
+    topic: str,
+    *,
+    count: int,
+    timeout_s: float,
 ) -> list[ConsumerRecord]:
     deadline = time.monotonic() + timeout_s
-    partitions: set[int] | None = None
-    while partitions is None and time.monotonic() < deadline:
-        await consumer.topics()  # refreshes the metadata: the topic may be new
-        partitions = consumer.partitions_for_topic(topic)
-        if partitions is None:
-            await asyncio.sleep(_POLL_INTERVAL_S)
-    if partitions is None:
+    tps = await _partitions(bootstrap, [topic])
+    while not tps and time.monotonic() < deadline:  # the topic may not exist yet
+        await asyncio.sleep(_POLL_INTERVAL_S)
+        tps = await _partitions(bootstrap, [topic])
+    if not tps:
         return []
 
-    tps = [TopicPartition(topic, partition) for partition in sorted(partitions)]
     consumer.assign(tps)
     await consumer.seek_to_beginning(*tps)
     records: list[ConsumerRecord] = []
@@ -557,7 +596,9 @@ async def _read_all(
     drain_deadline = time.monotonic() + 10.0
     while time.monotonic() < drain_deadline:
         positions = [await consumer.position(tp) for tp in tps]
-        if all(position >= ends[tp] for position, tp in zip(positions, tps)):
+        if all(
+            position >= ends[tp] for position, tp in zip(positions, tps, strict=True)
+        ):
             break
         batches = await consumer.getmany(timeout_ms=500)
         for batch in batches.values():
