@@ -393,7 +393,7 @@ def test_injected_redeliveries_are_all_removed(
 # found yet; the mark goes once that restart commits every time.
 _STALLS_AFTER_RESTART = pytest.mark.xfail(
     strict=False,
-    reason="known intermittent: restarted worker with an empty data dir stops committing",
+    reason="intermittent: a worker restarted with an empty data dir stops committing",
 )
 
 
