@@ -8,7 +8,6 @@ both are found by autodiscovery when the worker starts.
 from __future__ import annotations
 
 import faust
-from faust.transport.producer import ProducerBuffer
 
 from aggregator_app.settings import load_settings
 from rules.config import load_rules
@@ -18,11 +17,6 @@ __all__ = ["app", "rules", "settings"]
 settings = load_settings()
 rules = load_rules(settings.rules_path).with_topic_prefix(settings.topic_prefix)
 (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
-
-# Table changes wait in faust's producer buffer; past 100 messages (its default)
-# every table write waits for a flush, which held a worker under 200 events/s.
-# TODO: remove when faust makes the buffer size a setting.
-ProducerBuffer.max_messages = 20_000
 
 app = faust.App(
     settings.app_id,
