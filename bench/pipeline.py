@@ -3,26 +3,27 @@
     .venv/bin/python bench/pipeline.py [-n 20000] [--guarantee exactly_once]
         [--rate auto|EVENTS_PER_S] [--repeat-ratio R] [--profile]
 
-Every run has its own id (``bench-<hex>``): a fresh app id and consumer group,
-a temporary data dir, and a temporary copy of the rules file whose topics are
-prefixed with the id. The steps:
+Every pipeline pass has its own id (``bench-<hex>``): a fresh app id and
+consumer group, a temporary data dir, a temporary copy of the rules file whose
+topics are prefixed with the id, and a worker of its own. Steps:
 
 1. Raw passthrough, flat out: a separate process consumes topic A (``getmany``
    batches) and produces every record to topic B; a reader process reads B.
-2. Start one worker (``faust -A aggregator_app worker``) as a subprocess and wait
-   until a probe message comes out of it as an ``open`` observation.
-3. Pipeline, flat out: N garage-like DeepStream messages into the DeepStream
-   topic; the reader matches every ``open`` observation on the aggregated topic
-   to its message by message id (which carries the message's index).
-4. Pipeline, paced at ``--rate`` (default: 80% of what step 3 sustained), for
-   latency at a load the worker can carry.
-5. Stop the worker, then the raw passthrough paced at the same rate.
-6. Print the table; delete the run's topics and data dir.
+2. Pipeline, flat out: start a worker (``faust -A aggregator_app worker``),
+   wait until a probe comes out of it as an ``open`` observation, then send N
+   garage-like DeepStream messages. A reader process matches every ``open``
+   observation to its message by the message id, which carries its index.
+   With ``--profile``, py-spy records the worker meanwhile.
+3. Pipeline, paced at ``--rate`` (default: 80% of the steady rate of step 2),
+   with a fresh worker: the latency at a load the worker should carry.
+4. The raw passthrough paced at the same rate.
+5. Print the table. Each pass deletes its topics and its data dir, and stops
+   its worker whatever happens.
 
-Latency is from just before the producer's ``send`` to the moment the reader
-gets the record back, both on this host's clock. The reader reads committed
-records only, as a downstream consumer would; under exactly_once that includes
-the wait for the transaction commit.
+Latency runs from just before the producer's ``send`` to the moment the reader
+gets the record, both on this host's clock. Readers read committed records
+only, as a downstream consumer would: under exactly_once the latency includes
+the wait for the transaction commit. See bench/README.md for each figure.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import random
@@ -42,9 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -53,40 +56,51 @@ from typing import Any, Final
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 __all__ = ["BenchConfig", "PassResult", "main"]
 
 REPO: Final = Path(__file__).resolve().parent.parent
 VENV_BIN: Final = REPO / ".venv" / "bin"
-GARAGE_DATA: Final = Path("/work/shared/data/deepstream-360d-garage/demo-1.jsonl")
-GARAGE_FIXTURE: Final = REPO / "tests/fixtures/deepstream-360d-garage/demo-1.jsonl"
 RULES: Final = REPO / "config" / "aggregation-rules.yml"
+BROKER_PID_FILE: Final = REPO / ".var" / "kafka" / "kafka.pid"
+GARAGE_FILES: Final = (
+    Path("/work/shared/data/deepstream-360d-garage/demo-1.jsonl"),
+    REPO / "tests/fixtures/deepstream-360d-garage/demo-1.jsonl",
+)
 
 INDEX_HEADER: Final = "x-bench-index"
 READY: Final = "ready"
 STOP: Final = "stop"
-READER_IDLE_S: Final = 30.0
+READER_IDLE_S: Final = 20.0
 WORKER_READY_TIMEOUT_S: Final = 120.0
 WORKER_STOP_TIMEOUT_S: Final = 15.0
 PROBE_EVERY_S: Final = 2.0
 AUTO_RATE_SHARE: Final = 0.8
+TARGET_PER_S: Final = 10_000
+TARGET_P99_MS: Final = 100
 RECENT_KEPT: Final = 50
+MAX_PENDING_SENDS: Final = 5_000
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
-# Faust reads these from the environment and lets them override app.py.
+# Faust reads these from the environment, and they override app.py's values.
 FAUST_ENV: Final = (
     "BROKER_COMMIT_INTERVAL",
     "BROKER_COMMIT_EVERY",
     "BROKER_MAX_POLL_RECORDS",
+    "CONSUMER_MAX_FETCH_SIZE",
     "STREAM_BUFFER_MAXSIZE",
     "STREAM_WAIT_EMPTY",
     "PRODUCER_LINGER",
-    "PRODUCER_LINGER_MS",
     "PRODUCER_MAX_BATCH_SIZE",
     "PRODUCER_ACKS",
-    "PROCESSING_GUARANTEE",
+    "CLICKHOUSE_URL",
 )
+
+RecordParts = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+RecordFactory = Callable[[int], RecordParts]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +116,8 @@ class BenchConfig:
     profile: bool
     profile_s: int
     paced_max_s: float
+    pass_timeout_s: float
+    log_level: str
     keep: bool
 
 
@@ -120,7 +136,7 @@ class RunContext:
 
 @dataclass(frozen=True, slots=True)
 class BenchMessage:
-    """One planned DeepStream message: its line, its object, kept or a repeat."""
+    """One planned DeepStream message: its real line, its object, kept or not."""
 
     template: int
     object_id: str
@@ -128,13 +144,34 @@ class BenchMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class CpuSample:
-    """CPU seconds used so far: the whole host, one process, each of its threads."""
+class PassSpec:
+    """How to run one pass."""
 
-    wall_s: float
-    host_busy_s: float
-    process_s: float
-    threads_s: dict[int, float]
+    name: str
+    topic: str
+    read_topic: str
+    partitions: int
+    mode: str
+    prefix: str
+    indices: range
+    expected: frozenset[int]
+    rate_per_s: float | None
+    make_record: RecordFactory
+    sut_pid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    """CPU use over a pass, in % of one core."""
+
+    host_pct: float
+    sut_pct: float
+    main_thread_pct: float
+    main_thread_s: float
+    other_threads_pct: list[float]
+    bench_pct: float
+    broker_pct: float
+    rest_pct: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +186,10 @@ class PassResult:
     duplicates: int
     send_s: float
     e2e_s: float
-    sustained_per_s: float
+    steady_per_s: float
     latencies_ms: list[float]
     drift_ms: float
-    host_cpu_pct: float
-    sut_cpu_pct: float
-    threads_cpu_pct: list[float]
+    cpu: CpuUse
 
     @property
     def in_per_s(self) -> float:
@@ -162,28 +197,47 @@ class PassResult:
         return self.sent / self.send_s if self.send_s > 0 else 0.0
 
     @property
+    def processed(self) -> float:
+        """Messages fully processed: those sent, scaled by the share seen."""
+        return self.sent * self.observed / self.expected if self.expected else 0.0
+
+    @property
+    def per_main_cpu_s(self) -> float:
+        """Messages processed per CPU second of the SUT's main thread."""
+        main_s = self.cpu.main_thread_s
+        return self.processed / main_s if main_s > 0 else 0.0
+
+    @property
     def processed_per_s(self) -> float:
         """Messages fully processed per second, first send to last arrival."""
-        return self.sent / self.e2e_s if self.e2e_s > 0 else 0.0
+        return self.processed / self.e2e_s if self.e2e_s > 0 else 0.0
 
 
-# -- run context --------------------------------------------------------------
+@dataclass(slots=True)
+class Worker:
+    """The worker subprocess and where to reach it."""
+
+    process: subprocess.Popen[bytes]
+    web_port: int
+    log_path: Path
+
+
+# -- run context and topics ---------------------------------------------------
 
 
 def make_context(cfg: BenchConfig) -> RunContext:
-    """Create the run's id, data dir and rules copy with unique topic names."""
+    """Create the run's id, data dir, and rules copy with unique topic names."""
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     tmp_dir = Path(tempfile.mkdtemp(prefix=f"{run_id}-"))
     rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
 
     for source in rules["sources"]:
         source["topic"] = f"{run_id}.{source['topic']}"
-    rules["aggregated_topic"] = (
-        f"{run_id}.{rules.get('aggregated_topic', 'aggregated-events')}"
-    )
-    rules["dead_letter_topic"] = (
-        f"{run_id}.{rules.get('dead_letter_topic', 'dead-letters')}"
-    )
+    for field, default in (
+        ("aggregated_topic", "aggregated-events"),
+        ("dead_letter_topic", "dead-letters"),
+    ):
+        rules[field] = f"{run_id}.{rules.get(field, default)}"
     rules_path = tmp_dir / "rules.yml"
     rules_path.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
 
@@ -199,18 +253,6 @@ def make_context(cfg: BenchConfig) -> RunContext:
     )
 
 
-def worker_env(ctx: RunContext, cfg: BenchConfig, web_port: int) -> dict[str, str]:
-    """Return the environment of the worker subprocess."""
-    return os.environ | {
-        "AGGREGATOR_APP_ID": ctx.run_id,
-        "AGGREGATOR_DATA_DIR": str(ctx.tmp_dir / "data"),
-        "AGGREGATOR_RULES": str(ctx.rules_path),
-        "AGGREGATOR_WEB_PORT": str(web_port),
-        "AGGREGATOR_GUARANTEE": cfg.guarantee,
-        "KAFKA_BOOTSTRAP": cfg.bootstrap,
-    }
-
-
 def free_port() -> int:
     """Return a TCP port that nothing listens on right now."""
     with socket.socket() as probe:
@@ -223,25 +265,20 @@ async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics(
-            [
-                NewTopic(name, num_partitions=partitions, replication_factor=1)
-                for name in names
-            ]
-        )
+        topics = [NewTopic(name, partitions, replication_factor=1) for name in names]
+        await admin.create_topics(topics)
     finally:
         await admin.close()
 
 
-async def delete_run_topics(bootstrap: str, run_id: str) -> int:
-    """Delete every topic whose name starts with the run id; return how many."""
+async def delete_run_topics(bootstrap: str, run_id: str) -> None:
+    """Delete every topic whose name starts with the run id."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         names = [name for name in await admin.list_topics() if name.startswith(run_id)]
         if names:
             await admin.delete_topics(names)
-        return len(names)
     finally:
         await admin.close()
 
@@ -249,10 +286,14 @@ async def delete_run_topics(bootstrap: str, run_id: str) -> int:
 # -- messages -----------------------------------------------------------------
 
 
+def garage_path() -> Path:
+    """Return the garage recording: the shared data copy, else the test fixture."""
+    return next((path for path in GARAGE_FILES if path.is_file()), GARAGE_FILES[-1])
+
+
 def load_templates(path: Path) -> list[dict[str, Any]]:
-    """Return the garage's ``moving`` messages: real lines to vary."""
-    lines = path.read_bytes().splitlines()
-    messages = [orjson.loads(line) for line in lines if line.strip()]
+    """Return the garage's ``moving`` messages: the real lines to vary."""
+    messages = [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
     return [m for m in messages if m.get("event", {}).get("type") == "moving"]
 
 
@@ -261,9 +302,9 @@ def plan_messages(
 ) -> list[BenchMessage]:
     """Plan ``count`` messages; a share ``repeat_ratio`` repeat a recent kept one.
 
-    A kept message has an object id of its own, so the service keeps it; a
-    repeat names the object of one of the last kept messages of the same
-    camera line, seconds apart at most, so the service absorbs it.
+    A kept message has an object id of its own, so the service keeps it. A
+    repeat names the object (and camera) of one of the last kept messages,
+    milliseconds to seconds later, so the service absorbs it.
     """
     rng = random.Random(seed)
     plan: list[BenchMessage] = []
@@ -281,11 +322,11 @@ def plan_messages(
 def deepstream_payload(
     template: dict[str, Any], *, message_id: str, object_id: str, now_s: float
 ) -> bytes:
-    """Return a template message with a new id, object id and current time."""
+    """Return a real message with a new message id, object id and time."""
+    moment = datetime.fromtimestamp(now_s, tz=UTC)
     message = dict(template)
     message["messageid"] = message_id
     message["object"] = dict(template["object"], id=object_id)
-    moment = datetime.fromtimestamp(now_s, tz=UTC)
     message["@timestamp"] = (
         f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}Z"
     )
@@ -294,18 +335,27 @@ def deepstream_payload(
 
 # -- producing ----------------------------------------------------------------
 
-RecordFactory = Callable[[int], tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
 
+@contextlib.asynccontextmanager
+async def started_producer(bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """Yield the producer that feeds one pass (batched, acks from the leader).
 
-def new_producer(bootstrap: str) -> AIOKafkaProducer:
-    """Return the producer that feeds every pass (batched, not idempotent)."""
-    return AIOKafkaProducer(
+    Each pass stops its producer before its topics are deleted: a producer
+    that lives on refreshes their metadata, and a broker that creates topics
+    on demand would bring them back.
+    """
+    producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks=1,
         linger_ms=5,
         max_batch_size=512 * 1024,
         client_id="bench-producer",
     )
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
 
 
 async def produce(
@@ -316,13 +366,15 @@ async def produce(
     *,
     rate_per_s: float | None,
 ) -> list[float]:
-    """Send one record per index, flat out or paced; return each send time (s).
+    """Send one record per index, flat out or paced; return each send time.
 
-    The send time is taken just before ``send``; every record is acked on return.
+    A send time (epoch s) is taken just before ``send``; every record is acked
+    when this returns.
     """
     sent_s: list[float] = []
-    pending = []
+    pending: list[asyncio.Future[Any]] = []
     start_s = time.monotonic()
+
     for position, index in enumerate(indices):
         if rate_per_s is not None:
             await _sleep_until(start_s + position / rate_per_s)
@@ -331,9 +383,10 @@ async def produce(
         pending.append(
             await producer.send(topic, value=value, key=key, headers=headers)
         )
-        if len(pending) >= 5_000:
+        if len(pending) >= MAX_PENDING_SENDS:
             await asyncio.gather(*pending)
             pending.clear()
+
     await asyncio.gather(*pending)
     return sent_s
 
@@ -347,9 +400,14 @@ async def _sleep_until(due_s: float) -> None:
 # -- reader and passthrough processes -----------------------------------------
 
 
-async def _assigned_consumer(
-    bootstrap: str, topic: str, *, from_end: bool
+async def assigned_consumer(
+    bootstrap: str, topic: str, *, partitions: int, from_end: bool
 ) -> AIOKafkaConsumer:
+    """Return a consumer of every partition of ``topic``, positions resolved.
+
+    No consumer group: assignment is immediate. The positions are fetched
+    before returning, so that nothing produced afterwards can be missed.
+    """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -358,120 +416,116 @@ async def _assigned_consumer(
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
     await consumer.start()
-    partitions = consumer.partitions_for_topic(topic)
-    while not partitions:
-        await consumer._client.force_metadata_update()  # noqa: SLF001  # no public way to wait for a new topic
-        partitions = consumer.partitions_for_topic(topic)
-    assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
+
+    assigned = [TopicPartition(topic, partition) for partition in range(partitions)]
     consumer.assign(assigned)
-    if from_end:
-        await consumer.seek_to_end(*assigned)
-    else:
-        await consumer.seek_to_beginning(*assigned)
+    seek = consumer.seek_to_end if from_end else consumer.seek_to_beginning
+    await seek(*assigned)
     for tp in assigned:
-        await consumer.position(tp)  # resolve now, before anything is produced
+        await consumer.position(tp)
     return consumer
 
 
-def _index_from_header(record: Any, prefix: str) -> int | None:
+def _index_from_header(record: ConsumerRecord[Any, Any], prefix: str) -> int | None:
     for name, value in record.headers or ():
         if name == INDEX_HEADER:
             return int(value)
     return None
 
 
-def _index_from_open(record: Any, prefix: str) -> int | None:
+def _index_from_open(record: ConsumerRecord[Any, Any], prefix: str) -> int | None:
     observation = orjson.loads(record.value)
     if observation.get("status") != "open":
         return None
     event_id = observation.get("event", {}).get("event_id", "")
-    if not event_id.startswith(prefix):
-        return None
-    suffix = event_id[len(prefix) :]
+    suffix = event_id[len(prefix) :] if event_id.startswith(prefix) else ""
     return int(suffix) if suffix.isdigit() else None
 
 
 _EXTRACTORS: Final = {"header": _index_from_header, "open": _index_from_open}
 
 
-async def _read(
-    conn: Connection,
-    *,
-    bootstrap: str,
-    topic: str,
-    mode: str,
-    prefix: str,
-    wanted: set[int],
-) -> tuple[dict[int, float], int]:
-    consumer = await _assigned_consumer(bootstrap, topic, from_end=True)
+@dataclass(frozen=True, slots=True)
+class ReaderArgs:
+    """What a reader process reads, and what it waits for."""
+
+    bootstrap: str
+    topic: str
+    partitions: int
+    mode: str
+    prefix: str
+    wanted: frozenset[int]
+    timeout_s: float
+
+
+async def _read(conn: Connection, args: ReaderArgs) -> tuple[dict[int, float], int]:
+    consumer = await assigned_consumer(
+        args.bootstrap, args.topic, partitions=args.partitions, from_end=True
+    )
     conn.send(READY)
-    extract = _EXTRACTORS[mode]
+    extract = _EXTRACTORS[args.mode]
     arrivals: dict[int, float] = {}
     duplicates = 0
+    deadline_s = time.monotonic() + args.timeout_s
     last_new_s = time.monotonic()
+
     try:
-        while (
-            len(arrivals) < len(wanted)
-            and time.monotonic() - last_new_s < READER_IDLE_S
-        ):
+        while len(arrivals) < len(args.wanted):
+            now_s = time.monotonic()
+            if now_s > deadline_s or now_s - last_new_s > READER_IDLE_S:
+                break
             batch = await consumer.getmany(timeout_ms=200, max_records=20_000)
-            now_s = time.time()
-            for records in batch.values():
-                for record in records:
-                    index = extract(record, prefix)
-                    if index is None or index not in wanted:
-                        continue
-                    if index in arrivals:
-                        duplicates += 1
-                        continue
-                    arrivals[index] = now_s
-                    last_new_s = time.monotonic()
+            arrived_s = time.time()
+            for record in (r for records in batch.values() for r in records):
+                index = extract(record, args.prefix)
+                if index is None or index not in args.wanted:
+                    continue
+                if index in arrivals:
+                    duplicates += 1
+                    continue
+                arrivals[index] = arrived_s
+                last_new_s = time.monotonic()
     finally:
         await consumer.stop()
     return arrivals, duplicates
 
 
-def reader_process(
-    conn: Connection,
-    bootstrap: str,
-    topic: str,
-    mode: str,
-    prefix: str,
-    lo: int,
-    hi: int,
-) -> None:
-    """Read ``topic`` until every index in ``[lo, hi)`` came back; send arrivals."""
-    wanted = set(range(lo, hi))
-    result = asyncio.run(
-        _read(
-            conn,
-            bootstrap=bootstrap,
-            topic=topic,
-            mode=mode,
-            prefix=prefix,
-            wanted=wanted,
-        )
+def reader_process(conn: Connection, args: ReaderArgs) -> None:
+    """Read until every wanted index came back, or time is up; send arrivals."""
+    conn.send(asyncio.run(_read(conn, args)))
+
+
+@dataclass(frozen=True, slots=True)
+class TapArgs:
+    """Where the raw passthrough reads and writes."""
+
+    bootstrap: str
+    source: str
+    target: str
+    partitions: int
+
+
+async def _passthrough(conn: Connection, args: TapArgs) -> None:
+    consumer = await assigned_consumer(
+        args.bootstrap, args.source, partitions=args.partitions, from_end=True
     )
-    conn.send(result)
-
-
-async def _passthrough(
-    conn: Connection, bootstrap: str, source: str, target: str
-) -> None:
-    consumer = await _assigned_consumer(bootstrap, source, from_end=True)
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, acks=1, linger_ms=5, max_batch_size=256 * 1024
+        bootstrap_servers=args.bootstrap,
+        acks=1,
+        linger_ms=5,
+        max_batch_size=256 * 1024,
     )
     await producer.start()
     conn.send(READY)
+
     try:
         while not conn.poll():
             batch = await consumer.getmany(timeout_ms=100, max_records=5_000)
+            records = [r for part in batch.values() for r in part]
             pending = [
                 await producer.send(
-                    target, value=r.value, key=r.key, headers=list(r.headers)
+                    args.target, value=r.value, key=r.key, headers=list(r.headers)
                 )
-                for records in batch.values()
                 for r in records
             ]
             await asyncio.gather(*pending)
@@ -480,15 +534,13 @@ async def _passthrough(
         await consumer.stop()
 
 
-def passthrough_process(
-    conn: Connection, bootstrap: str, source: str, target: str
-) -> None:
-    """Copy every record of ``source`` to ``target`` until told to stop."""
-    asyncio.run(_passthrough(conn, bootstrap, source, target))
+def passthrough_process(conn: Connection, args: TapArgs) -> None:
+    """Copy every record of the source topic to the target until told to stop."""
+    asyncio.run(_passthrough(conn, args))
 
 
 class Child:
-    """A helper process (reader or passthrough) and its end of a pipe."""
+    """A helper process (reader or passthrough) and our end of its pipe."""
 
     def __init__(self, target: Callable[..., None], *args: object) -> None:
         context = multiprocessing.get_context("spawn")
@@ -498,21 +550,34 @@ class Child:
         )
         self.process.start()
 
+    @property
+    def pid(self) -> int | None:
+        """Return the process id."""
+        return self.process.pid
+
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the child says it is ready."""
+        """Block until the child says it is ready.
+
+        Raises:
+            RuntimeError: it did not, in time.
+        """
         if not self.conn.poll(timeout_s) or self.conn.recv() != READY:
-            raise RuntimeError(f"helper process not ready: pid={self.process.pid}")
+            raise RuntimeError(f"helper process not ready: pid={self.pid}")
 
     async def result(self) -> Any:
-        """Wait (without blocking the loop) for the child's result."""
+        """Wait, without blocking the loop, for the child's result.
+
+        Raises:
+            RuntimeError: the child died first.
+        """
         while not self.conn.poll():
             if not self.process.is_alive():
-                raise RuntimeError(f"helper process died: pid={self.process.pid}")
+                raise RuntimeError(f"helper process died: pid={self.pid}")
             await asyncio.sleep(0.05)
         return self.conn.recv()
 
     def stop(self) -> None:
-        """Ask the child to stop, then make sure it is gone."""
+        """Ask the child to stop, then make sure that it is gone."""
         with contextlib.suppress(OSError):
             self.conn.send(STOP)
         self.process.join(10)
@@ -524,57 +589,71 @@ class Child:
 # -- CPU accounting -----------------------------------------------------------
 
 
-def cpu_sample(pid: int | None) -> CpuSample:
-    """Read the host's busy CPU seconds and those of a process and its threads."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU seconds used so far: the host, each thread of the SUT, the others."""
+
+    wall_s: float
+    host_busy_s: float
+    threads_s: dict[int, float]
+    bench_s: float
+    broker_s: float
+
+
+def cpu_sample(sut_pid: int | None, *, bench_pids: Sequence[int] = ()) -> CpuSample:
+    """Read the busy CPU seconds of the host, the SUT's threads, bench and broker."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
     values = [int(value) for value in fields]
-    idle = values[3] + values[4]
-    host_busy_s = (sum(values[:8]) - idle) / ticks
+    host_busy_s = (sum(values) - values[3] - values[4]) / _TICKS
 
     threads_s: dict[int, float] = {}
-    if pid is not None:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                threads_s[int(task.name)] = (int(stat[11]) + int(stat[12])) / ticks
-    return CpuSample(time.monotonic(), host_busy_s, sum(threads_s.values()), threads_s)
+    for task in Path(f"/proc/{sut_pid}/task").glob("*") if sut_pid else ():
+        threads_s[int(task.name)] = _cpu_s(task / "stat")
+    bench_s = sum(_cpu_s(Path(f"/proc/{pid}/stat")) for pid in bench_pids)
+    broker_s = _cpu_s(Path(f"/proc/{_broker_pid()}/stat"))
+    return CpuSample(time.monotonic(), host_busy_s, threads_s, bench_s, broker_s)
 
 
-def cpu_usage(before: CpuSample, after: CpuSample) -> tuple[float, float, list[float]]:
-    """Return host busy %, process % and busiest threads % (100 = one core)."""
+def _cpu_s(stat_path: Path) -> float:
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _broker_pid() -> int:
+    try:
+        return int(BROKER_PID_FILE.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def cpu_use(before: CpuSample, after: CpuSample, sut_pid: int | None) -> CpuUse:
+    """Return the CPU used between two samples, in % of one core."""
     wall_s = max(after.wall_s - before.wall_s, 1e-9)
-    threads = sorted(
-        (
-            (used_s - before.threads_s.get(tid, 0.0)) / wall_s * 100
-            for tid, used_s in after.threads_s.items()
-        ),
-        reverse=True,
-    )
-    return (
-        (after.host_busy_s - before.host_busy_s) / wall_s * 100,
-        (after.process_s - before.process_s) / wall_s * 100,
-        threads[:3],
+    threads_pct = {
+        tid: (used_s - before.threads_s.get(tid, 0.0)) / wall_s * 100
+        for tid, used_s in after.threads_s.items()
+    }
+    main_pct = threads_pct.pop(sut_pid, 0.0) if sut_pid else 0.0
+    sut_pct = main_pct + sum(threads_pct.values())
+    host_pct = (after.host_busy_s - before.host_busy_s) / wall_s * 100
+    bench_pct = (after.bench_s - before.bench_s) / wall_s * 100
+    broker_pct = (after.broker_s - before.broker_s) / wall_s * 100
+    return CpuUse(
+        host_pct=host_pct,
+        sut_pct=sut_pct,
+        main_thread_pct=main_pct,
+        main_thread_s=main_pct / 100 * wall_s,
+        other_threads_pct=sorted(threads_pct.values(), reverse=True)[:2],
+        bench_pct=bench_pct,
+        broker_pct=broker_pct,
+        rest_pct=max(0.0, host_pct - sut_pct - bench_pct - broker_pct),
     )
 
 
 # -- one pass -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PassSpec:
-    """How to run one pass."""
-
-    name: str
-    topic: str
-    read_topic: str
-    mode: str
-    prefix: str
-    indices: range
-    expected: set[int]
-    rate_per_s: float | None
-    make_record: RecordFactory
-    sut_pid: int | None
 
 
 async def run_pass(
@@ -583,16 +662,20 @@ async def run_pass(
     """Produce one pass, read it back, and measure it."""
     reader = Child(
         reader_process,
-        cfg.bootstrap,
-        spec.read_topic,
-        spec.mode,
-        spec.prefix,
-        spec.indices.start,
-        spec.indices.stop,
+        ReaderArgs(
+            bootstrap=cfg.bootstrap,
+            topic=spec.read_topic,
+            partitions=spec.partitions,
+            mode=spec.mode,
+            prefix=spec.prefix,
+            wanted=spec.expected,
+            timeout_s=cfg.pass_timeout_s,
+        ),
     )
     try:
         reader.wait_ready()
-        before = cpu_sample(spec.sut_pid)
+        bench_pids = [os.getpid(), reader.pid or 0]
+        before = cpu_sample(spec.sut_pid, bench_pids=bench_pids)
         sent_s = await produce(
             producer,
             spec.topic,
@@ -601,15 +684,13 @@ async def run_pass(
             rate_per_s=spec.rate_per_s,
         )
         arrivals, duplicates = await reader.result()
-        after = cpu_sample(spec.sut_pid)
+        after = cpu_sample(spec.sut_pid, bench_pids=bench_pids)
     finally:
         reader.stop()
+
+    cpu = cpu_use(before, after, spec.sut_pid)
     return summarise(
-        spec,
-        sent_s=sent_s,
-        arrivals=arrivals,
-        duplicates=duplicates,
-        cpu=cpu_usage(before, after),
+        spec, sent_s=sent_s, arrivals=arrivals, duplicates=duplicates, cpu=cpu
     )
 
 
@@ -619,15 +700,15 @@ def summarise(
     sent_s: list[float],
     arrivals: dict[int, float],
     duplicates: int,
-    cpu: tuple[float, float, list[float]],
+    cpu: CpuUse,
 ) -> PassResult:
-    """Turn send and arrival times into throughput and latency."""
+    """Turn send and arrival times into throughput and latency figures."""
     first = spec.indices.start
-    latencies_ms = [
-        (arrived - sent_s[index - first]) * 1000
-        for index, arrived in sorted(arrivals.items())
-    ]
+    ordered = sorted(arrivals.items())
+    latencies_ms = [(arrived - sent_s[i - first]) * 1000 for i, arrived in ordered]
     last_arrival_s = max(arrivals.values(), default=sent_s[-1])
+    messages_per_observation = len(sent_s) / max(len(spec.expected), 1)
+
     return PassResult(
         name=spec.name,
         target_per_s=spec.rate_per_s,
@@ -637,22 +718,18 @@ def summarise(
         duplicates=duplicates,
         send_s=sent_s[-1] - sent_s[0],
         e2e_s=last_arrival_s - sent_s[0],
-        sustained_per_s=sustained_rate(sorted(arrivals.values()))
-        * len(sent_s)
-        / max(len(spec.expected), 1),
+        steady_per_s=steady_rate(sorted(arrivals.values())) * messages_per_observation,
         latencies_ms=latencies_ms,
         drift_ms=drift_ms(latencies_ms),
-        host_cpu_pct=cpu[0],
-        sut_cpu_pct=cpu[1],
-        threads_cpu_pct=cpu[2],
+        cpu=cpu,
     )
 
 
-def sustained_rate(arrivals_s: list[float]) -> float:
+def steady_rate(arrivals_s: list[float]) -> float:
     """Return arrivals per second between the 10th and 90th percentile arrival."""
     if len(arrivals_s) < 10:
         return 0.0
-    low, high = int(len(arrivals_s) * 0.1), int(len(arrivals_s) * 0.9)
+    low, high = len(arrivals_s) // 10, len(arrivals_s) * 9 // 10
     span_s = arrivals_s[high] - arrivals_s[low]
     return (high - low) / span_s if span_s > 0 else 0.0
 
@@ -666,215 +743,261 @@ def drift_ms(latencies_ms: list[float]) -> float:
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
-    """Return the nearest-rank percentile, or NaN for no values."""
+    """Return the nearest-rank percentile of ``values``, NaN when empty."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, int(pct / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
 
 
 # -- raw passthrough ----------------------------------------------------------
 
 
-async def run_raw(
-    ctx: RunContext,
-    cfg: BenchConfig,
-    producer: AIOKafkaProducer,
-    *,
-    name: str,
-    rate_per_s: float | None,
-    round_no: int,
-) -> PassResult:
-    """Measure the raw passthrough A -> B on fresh topics."""
-    source, target = f"{ctx.run_id}.raw-a{round_no}", f"{ctx.run_id}.raw-b{round_no}"
-    await create_topics(cfg.bootstrap, [source, target], ctx.partitions)
-    payloads = [orjson.dumps(t) for t in load_templates(garage_path())[:200]]
+@dataclass(frozen=True, slots=True)
+class RawLoad:
+    """Real garage lines copied from topic A to topic B, indexed in a header."""
 
-    def make_record(index: int) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
-        return (
-            None,
-            payloads[index % len(payloads)],
-            [(INDEX_HEADER, str(index).encode())],
+    source: str
+    target: str
+    partitions: int
+    payloads: list[bytes]
+
+    def spec(
+        self, name: str, indices: range, rate_per_s: float | None, pid: int | None
+    ) -> PassSpec:
+        """Describe a raw pass over ``indices``."""
+        return PassSpec(
+            name=name,
+            topic=self.source,
+            read_topic=self.target,
+            partitions=self.partitions,
+            mode="header",
+            prefix="",
+            indices=indices,
+            expected=frozenset(indices),
+            rate_per_s=rate_per_s,
+            make_record=self.record,
+            sut_pid=pid,
         )
 
-    passthrough = Child(passthrough_process, cfg.bootstrap, source, target)
+    def record(self, index: int) -> RecordParts:
+        """Return record ``index``: a garage line, its index in a header."""
+        header = (INDEX_HEADER, str(index).encode())
+        return None, self.payloads[index % len(self.payloads)], [header]
+
+
+async def run_raw(
+    ctx: RunContext, cfg: BenchConfig, *, name: str, rate_per_s: float | None
+) -> PassResult:
+    """Measure the raw passthrough A -> B, on topics of its own."""
+    suffix = uuid.uuid4().hex[:4]
+    source, target = f"{ctx.run_id}.raw-a-{suffix}", f"{ctx.run_id}.raw-b-{suffix}"
+    await create_topics(cfg.bootstrap, [source, target], ctx.partitions)
+    payloads = [orjson.dumps(line) for line in load_templates(garage_path())[:200]]
+    load = RawLoad(source, target, ctx.partitions, payloads)
+
+    tap = TapArgs(cfg.bootstrap, source, target, ctx.partitions)
+    passthrough = Child(passthrough_process, tap)
     try:
         passthrough.wait_ready()
-        indices = range(cfg.count)
-        spec = PassSpec(
-            name,
-            source,
-            target,
-            "header",
-            "",
-            indices,
-            set(indices),
-            rate_per_s,
-            make_record,
-            passthrough.process.pid,
-        )
-        return await run_pass(spec, cfg, producer)
+        indices = range(_paced_count(cfg, rate_per_s))
+        spec = load.spec(name, indices, rate_per_s, passthrough.pid)
+        async with started_producer(cfg.bootstrap) as producer:
+            return await run_pass(spec, cfg, producer)
     finally:
         passthrough.stop()
 
 
-def garage_path() -> Path:
-    """Return the garage data file: the shared copy, else the test fixture."""
-    return GARAGE_DATA if GARAGE_DATA.is_file() else GARAGE_FIXTURE
+def _paced_count(cfg: BenchConfig, rate_per_s: float | None) -> int:
+    if rate_per_s is None:
+        return cfg.count
+    return max(1, min(cfg.count, int(rate_per_s * cfg.paced_max_s)))
 
 
 # -- the worker ---------------------------------------------------------------
 
 
-def start_worker(ctx: RunContext, cfg: BenchConfig) -> subprocess.Popen[bytes]:
+def start_worker(ctx: RunContext, cfg: BenchConfig) -> Worker:
     """Start one worker; its output goes to ``<tmp>/worker.log``."""
-    log = (ctx.tmp_dir / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        [str(VENV_BIN / "faust"), "-A", "aggregator_app", "worker", "-l", os.environ.get("BENCH_WORKER_LOG_LEVEL", "warn")],
-        cwd=REPO,
-        env=worker_env(ctx, cfg, free_port()),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    web_port = free_port()
+    env = os.environ | {
+        "AGGREGATOR_APP_ID": ctx.run_id,
+        "AGGREGATOR_DATA_DIR": str(ctx.tmp_dir / "data"),
+        "AGGREGATOR_RULES": str(ctx.rules_path),
+        "AGGREGATOR_TOPIC_PREFIX": "",
+        "AGGREGATOR_WEB_PORT": str(web_port),
+        "AGGREGATOR_GUARANTEE": cfg.guarantee,
+        "KAFKA_BOOTSTRAP": cfg.bootstrap,
+    }
+    log_path = ctx.tmp_dir / "worker.log"
+    command = [str(VENV_BIN / "faust"), "-A", "aggregator_app", "worker"]
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*command, "-l", cfg.log_level],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    worker = Worker(process, web_port, log_path)
     atexit.register(stop_worker, worker)
     return worker
 
 
-def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+def stop_worker(worker: Worker) -> None:
     """Stop the worker: SIGTERM, then SIGKILL if it does not exit in time."""
-    if worker.poll() is not None:
+    process = worker.process
+    if process.poll() is not None:
         return
-    worker.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
     try:
-        worker.wait(WORKER_STOP_TIMEOUT_S)
+        process.wait(WORKER_STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+        process.kill()
+        process.wait()
 
 
-def log_tail(ctx: RunContext, lines: int = 30) -> str:
+def log_tail(worker: Worker, lines: int = 30) -> str:
     """Return the end of the worker's log."""
-    path = ctx.tmp_dir / "worker.log"
-    text = path.read_text(errors="replace") if path.exists() else ""
+    text = (
+        worker.log_path.read_text(errors="replace") if worker.log_path.exists() else ""
+    )
     return "\n".join(text.splitlines()[-lines:])
+
+
+def check_alive(worker: Worker) -> None:
+    """Raise if the worker has exited, with the end of its log.
+
+    Raises:
+        RuntimeError: the worker is not running.
+    """
+    code = worker.process.poll()
+    if code is not None:
+        raise RuntimeError(f"worker exited: code={code}\n{log_tail(worker)}")
 
 
 async def wait_ready(
     ctx: RunContext,
     cfg: BenchConfig,
-    worker: subprocess.Popen[bytes],
+    worker: Worker,
     producer: AIOKafkaProducer,
-    templates: list[dict[str, Any]],
+    template: dict[str, Any],
 ) -> float:
     """Send probes until one comes out as an observation; return seconds waited.
 
     Raises:
         RuntimeError: the worker exited, or no probe came out in time.
     """
-    consumer = await _assigned_consumer(
-        cfg.bootstrap, ctx.aggregated_topic, from_end=True
+    consumer = await assigned_consumer(
+        cfg.bootstrap, ctx.aggregated_topic, partitions=ctx.partitions, from_end=True
     )
     prefix = f"{ctx.run_id}-probe-"
     start_s = time.monotonic()
     try:
         for attempt in range(int(WORKER_READY_TIMEOUT_S / PROBE_EVERY_S)):
-            if worker.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited: code={worker.returncode}\n{log_tail(ctx)}"
-                )
+            check_alive(worker)
+            probe_id = f"{prefix}{attempt}"
             value = deepstream_payload(
-                templates[0],
-                message_id=f"{prefix}{attempt}",
-                object_id=f"{prefix}{attempt}",
-                now_s=time.time(),
+                template, message_id=probe_id, object_id=probe_id, now_s=time.time()
             )
             await producer.send_and_wait(ctx.source_topic, value=value)
             batch = await consumer.getmany(timeout_ms=int(PROBE_EVERY_S * 1000))
-            if any(
-                r.value and prefix.encode() in r.value
-                for records in batch.values()
-                for r in records
-            ):
+            values = (r.value or b"" for records in batch.values() for r in records)
+            if any(prefix.encode() in value for value in values):
                 return time.monotonic() - start_s
     finally:
         await consumer.stop()
     raise RuntimeError(
-        f"worker not ready after {WORKER_READY_TIMEOUT_S} s\n{log_tail(ctx)}"
+        f"worker not ready in {WORKER_READY_TIMEOUT_S} s\n{log_tail(worker)}"
     )
 
 
-def pipeline_spec(
-    ctx: RunContext,
-    plan: list[BenchMessage],
-    templates: list[dict[str, Any]],
-    *,
-    name: str,
-    indices: range,
-    rate_per_s: float | None,
-    worker_pid: int,
-) -> PassSpec:
-    """Describe a pipeline pass over ``plan[indices]``."""
-    prefix = f"{ctx.run_id}-"
+def worker_counts(worker: Worker) -> dict[str, Any]:
+    """Return the worker's counters from its web view (empty if it does not answer)."""
+    url = f"http://127.0.0.1:{worker.web_port}/aggregator/counts/"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            counts: dict[str, Any] = json.loads(response.read())
+            return counts
+    except (OSError, ValueError):
+        return {}
 
-    def make_record(index: int) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
-        message = plan[index]
-        template = templates[message.template]
+
+@dataclass(frozen=True, slots=True)
+class PipelineLoad:
+    """The planned DeepStream messages of a run, and the worker they go to."""
+
+    ctx: RunContext
+    plan: list[BenchMessage]
+    templates: list[dict[str, Any]]
+    worker_pid: int
+
+    def spec(self, name: str, indices: range, rate_per_s: float | None) -> PassSpec:
+        """Describe a pipeline pass over ``plan[indices]``."""
+        return PassSpec(
+            name=name,
+            topic=self.ctx.source_topic,
+            read_topic=self.ctx.aggregated_topic,
+            partitions=self.ctx.partitions,
+            mode="open",
+            prefix=f"{self.ctx.run_id}-",
+            indices=indices,
+            expected=frozenset(i for i in indices if self.plan[i].kept),
+            rate_per_s=rate_per_s,
+            make_record=self.record,
+            sut_pid=self.worker_pid,
+        )
+
+    def record(self, index: int) -> RecordParts:
+        """Return the record of message ``index``, stamped now."""
+        message = self.plan[index]
+        template = self.templates[message.template]
         value = deepstream_payload(
             template,
-            message_id=f"{prefix}{index:08d}",
+            message_id=f"{self.ctx.run_id}-{index:08d}",
             object_id=message.object_id,
             now_s=time.time(),
         )
         return template["sensor"]["id"].encode(), value, []
 
-    expected = {index for index in indices if plan[index].kept}
-    return PassSpec(
-        name,
-        ctx.source_topic,
-        ctx.aggregated_topic,
-        "open",
-        prefix,
-        indices,
-        expected,
-        rate_per_s,
-        make_record,
-        worker_pid,
-    )
-
-
-async def count_dead_letters(cfg: BenchConfig, ctx: RunContext) -> Counter[str]:
-    """Count the run's dead letters by reason."""
-    consumer = await _assigned_consumer(
-        cfg.bootstrap, ctx.dead_letter_topic, from_end=False
-    )
-    reasons: Counter[str] = Counter()
-    try:
-        while batch := await consumer.getmany(timeout_ms=1000):
-            for records in batch.values():
-                for record in records:
-                    headers = dict(record.headers or ())
-                    reasons[headers.get("dead-letter-reason", b"?").decode()] += 1
-    finally:
-        await consumer.stop()
-    return reasons
-
 
 # -- profiling ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Samples of a py-spy raw profile, by thread and by frame."""
+
+    threads: Counter[str]
+    waiting: Counter[str]
+    busy_counts: Counter[str]
+    self_counts: Counter[str]
+    total_counts: Counter[str]
+
+
+#: Innermost frames that only wait: a thread in them is idle, not busy.
+WAIT_FRAMES: Final = (
+    "EpollSelector.select ",
+    "Condition.wait ",
+    "Event.wait ",
+    "_worker (concurrent/futures/thread.py)",
+    "Queue.get ",
+    "Thread.join ",
+    "sleep ",
+)
 
 
 async def start_profile(
     pid: int, seconds: int, out: Path
 ) -> asyncio.subprocess.Process:
-    """Start py-spy on the worker's python process."""
+    """Start py-spy on the worker's python process (all threads, 100 Hz)."""
+    command = [str(VENV_BIN / "py-spy"), "record", "-p", str(pid), "-d", str(seconds)]
     return await asyncio.create_subprocess_exec(
-        str(VENV_BIN / "py-spy"),
-        "record",
-        "-p",
-        str(pid),
-        "-d",
-        str(seconds),
+        *command,
         "-f",
         "raw",
         "-o",
@@ -885,37 +1008,44 @@ async def start_profile(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """Samples of a py-spy raw profile, by frame and by thread."""
-
-    samples: int
-    self_counts: Counter[str]
-    total_counts: Counter[str]
-    threads: Counter[str]
-
-
 def read_profile(raw: Path) -> Profile:
     """Read py-spy's raw (collapsed) output, recorded with ``--threads``.
 
-    A frame is ``function (file)``: line numbers are dropped, so that all lines
-    of one function add up. The first frame of every stack is its thread.
+    The first element of a stack names its thread. A frame is
+    ``function (file)``: line numbers are dropped, so that all lines of one
+    function add up. A stack whose innermost frame only waits (see
+    :data:`WAIT_FRAMES`) counts for its thread but not among the frames.
     """
-    profile = Profile(0, Counter(), Counter(), Counter())
-    samples = 0
+    profile = Profile(Counter(), Counter(), Counter(), Counter(), Counter())
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
-        thread, *frames = [_frame_name(frame) for frame in stack.split(";")]
-        samples += count
-        profile.threads[thread] += count
-        if frames:
-            profile.self_counts[frames[-1]] += count
-        for frame in set(frames):
-            profile.total_counts[frame] += count
-    return dataclasses.replace(profile, samples=samples)
+        thread, *frames = stack.split(";")
+        _add_stack(
+            profile,
+            _thread_name(thread),
+            [_frame_name(f) for f in frames],
+            int(count_text),
+        )
+    return profile
+
+
+def _add_stack(profile: Profile, thread: str, frames: list[str], count: int) -> None:
+    profile.threads[thread] += count
+    if not frames or frames[-1].startswith(WAIT_FRAMES):
+        profile.waiting[thread] += count
+        return
+    profile.busy_counts[thread] += count
+    profile.self_counts[frames[-1]] += count
+    for frame in set(frames):
+        profile.total_counts[frame] += count
+
+
+def _thread_name(thread: str) -> str:
+    # "thread (25196): MainThread" -> "MainThread (25196)"
+    ident, _, name = thread.removeprefix("thread (").partition("):")
+    return f"{name.strip() or 'thread'} ({ident})"
 
 
 def _frame_name(frame: str) -> str:
@@ -927,246 +1057,284 @@ def _frame_name(frame: str) -> str:
 
 
 def print_profile(profile: Profile, *, limit: int = 25) -> None:
-    """Print the top frames by self and by total time, and time per thread."""
-    total = max(profile.samples, 1)
-    print(f"\nprofile: samples={profile.samples} (py-spy, 100 Hz, all threads)")
-    print("samples per thread:")
+    """Print samples per thread, then the top frames by self and by total time.
+
+    Frame shares are of the busy samples (those not waiting).
+    """
+    total = max(sum(profile.threads.values()), 1)
+    busy = max(sum(profile.busy_counts.values()), 1)
+    print(f"\nprofile of the worker: samples={total} busy={busy} (py-spy, 100 Hz)")
+    print("  share   busy  thread")
     for thread, count in profile.threads.most_common():
-        print(f"  {count / total:6.1%}  {thread}")
+        busy_share = profile.busy_counts[thread] / total
+        print(f"  {count / total:6.1%}  {busy_share:6.1%}  {thread}")
+
     for title, counts in (
         ("self", profile.self_counts),
         ("total", profile.total_counts),
     ):
-        print(f"\ntop {limit} frames by {title} time:   self   total  frame")
+        print(f"\ntop {limit} frames by {title} time, % of busy samples (self, total):")
         for frame, _count in counts.most_common(limit):
-            self_pct = profile.self_counts[frame] / total
-            total_pct = profile.total_counts[frame] / total
-            print(f"  {self_pct:6.1%}  {total_pct:6.1%}  {frame}")
+            self_share = profile.self_counts[frame] / busy
+            total_share = profile.total_counts[frame] / busy
+            print(f"  {self_share:6.1%}  {total_share:6.1%}  {frame}")
+
+
+async def profiled_pass(
+    spec: PassSpec, cfg: BenchConfig, producer: AIOKafkaProducer, out: Path
+) -> PassResult:
+    """Run a pass with py-spy on the worker; print its profile."""
+    assert spec.sut_pid is not None
+    spy = await start_profile(spec.sut_pid, cfg.profile_s, out)
+    result = await run_pass(spec, cfg, producer)
+    _, stderr = await spy.communicate()
+
+    if spy.returncode != 0 or not out.exists():
+        detail = stderr.decode(errors="replace")[-500:]
+        print(f"py-spy failed: code={spy.returncode} {detail}")
+        return result
+    kept = Path(tempfile.gettempdir()) / out.name
+    shutil.copy(out, kept)
+    print(f"\nraw profile kept: {kept}")
+    print_profile(read_profile(out))
+    return result
 
 
 # -- the report ---------------------------------------------------------------
 
 _COLUMNS: Final = (
-    ("pass", 24),
-    ("target/s", 9),
-    ("sent", 7),
-    ("seen", 7),
-    ("in/s", 8),
-    ("e2e/s", 8),
-    ("steady/s", 9),
-    ("p50 ms", 8),
-    ("p99 ms", 8),
-    ("max ms", 8),
-    ("drift ms", 9),
-    ("host cpu", 9),
-    ("sut cpu", 8),
-    ("threads cpu", 16),
+    ("pass", 18),
+    ("target/s", 8),
+    ("sent", 6),
+    ("seen", 11),
+    ("in/s", 7),
+    ("e2e/s", 7),
+    ("steady/s", 8),
+    ("p50 ms", 7),
+    ("p99 ms", 7),
+    ("max ms", 7),
+    ("drift ms", 8),
+    ("msg/cpu-s", 9),
+    ("host", 5),
+    ("sut", 5),
+    ("main", 5),
+    ("threads", 7),
+    ("bench", 5),
+    ("kafka", 5),
+    ("rest", 5),
 )
+
+_LEGEND: Final = """
+  target/s  paced rate of the pass, or max (flat out)
+  in/s      messages produced per second (first to last send)
+  e2e/s     messages fully processed per second, first send to last observation
+  steady/s  processing rate once running: observations per second between the
+            10th and 90th percentile arrival, scaled to messages (repeats too)
+  p50/p99/max ms  send -> observation read back (committed records only)
+  drift ms  median latency of the last tenth minus the first: > 0, a queue grows
+  msg/cpu-s messages processed per CPU second of the SUT's main thread: the
+            cost per message, which other load on the host disturbs less
+  CPU, in % of one core (the host has 200%): host = all busy CPU; sut = the
+            system under test (passthrough process, or worker); main = its
+            main thread; threads = its two busiest other threads; bench = this
+            bench's producer and reader; kafka = the broker; rest = everything
+            else on the host (other sessions' processes)."""
 
 
 def print_parameters(cfg: BenchConfig, ctx: RunContext) -> None:
-    """Print what was run, with which settings."""
+    """Print what is run, with which settings."""
     overrides = {name: os.environ[name] for name in FAUST_ENV if name in os.environ}
-    print(
-        f"\nbench run {ctx.run_id}: host cpus={os.cpu_count()} bootstrap={cfg.bootstrap}"
-    )
+    print(f"\nbench {ctx.run_id}: cpus={os.cpu_count()} bootstrap={cfg.bootstrap}")
     print(
         f"  messages per pass={cfg.count} guarantee={cfg.guarantee} "
-        f"repeat_ratio={cfg.repeat_ratio} seed={cfg.seed} partitions={ctx.partitions} "
-        f"profile={cfg.profile}"
+        f"repeat_ratio={cfg.repeat_ratio} partitions={ctx.partitions} "
+        f"worker log level={cfg.log_level} profile={cfg.profile}"
     )
-    print(f"  faust settings from env: {overrides or 'none (app.py values)'}")
+    print(f"  settings from env: {overrides or 'none'}")
+    print(
+        f"  before the run: load average {os.getloadavg()[0]:.2f}, other processes "
+        f"busy {background_cpu_pct():.0f}% of one core"
+    )
+
+
+def background_cpu_pct(sample_s: float = 1.0) -> float:
+    """Return the host's busy CPU over ``sample_s`` while this run is idle."""
+    before = cpu_sample(None)
+    time.sleep(sample_s)
+    return cpu_use(before, cpu_sample(None), None).host_pct
 
 
 def print_results(results: list[PassResult]) -> None:
-    """Print one row per pass."""
+    """Print one row per pass, and the legend."""
+    widths = [width for _title, width in _COLUMNS]
     print()
-    print(
-        " ".join(
-            title.rjust(width) if i else title.ljust(width)
-            for i, (title, width) in enumerate(_COLUMNS)
-        )
-    )
+    print(_line([title for title, _width in _COLUMNS], widths))
     for result in results:
-        print(
-            " ".join(
-                _cell(value, width, first=i == 0)
-                for i, (value, (_t, width)) in enumerate(
-                    zip(_row(result), _COLUMNS, strict=True)
-                )
-            )
-        )
+        print(_line(_row(result), widths))
+    print(_LEGEND)
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    first = cells[0].ljust(widths[0])
+    rest = (
+        cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)
+    )
+    return " ".join([first, *rest])
 
 
 def _row(result: PassResult) -> list[str]:
     target = "max" if result.target_per_s is None else f"{result.target_per_s:.0f}"
-    threads = "/".join(f"{pct:.0f}" for pct in result.threads_cpu_pct)
+    seen = f"{result.observed}/{result.expected}"
+    others = "/".join(f"{pct:.0f}" for pct in result.cpu.other_threads_pct)
     return [
         result.name,
         target,
         str(result.sent),
-        f"{result.observed}/{result.expected}"
-        if result.observed != result.expected
-        else str(result.observed),
+        seen,
         f"{result.in_per_s:.0f}",
         f"{result.processed_per_s:.0f}",
-        f"{result.sustained_per_s:.0f}",
+        f"{result.steady_per_s:.0f}",
         f"{percentile(result.latencies_ms, 50):.0f}",
         f"{percentile(result.latencies_ms, 99):.0f}",
         f"{max(result.latencies_ms, default=float('nan')):.0f}",
         f"{result.drift_ms:+.0f}",
-        f"{result.host_cpu_pct:.0f}%",
-        f"{result.sut_cpu_pct:.0f}%",
-        threads,
+        f"{result.per_main_cpu_s:.0f}",
+        f"{result.cpu.host_pct:.0f}",
+        f"{result.cpu.sut_pct:.0f}",
+        f"{result.cpu.main_thread_pct:.0f}",
+        others or "-",
+        f"{result.cpu.bench_pct:.0f}",
+        f"{result.cpu.broker_pct:.0f}",
+        f"{result.cpu.rest_pct:.0f}",
     ]
 
 
-def _cell(value: str, width: int, *, first: bool) -> str:
-    return value.ljust(width) if first else value.rjust(width)
-
-
-def print_legend() -> None:
-    """Say what each column means."""
-    print(
-        """
-  in/s      messages produced per second (first to last send)
-  e2e/s     messages fully processed per second: all sent / (last observation - first send)
-  steady/s  processing rate in steady state: observations per second between the 10th and
-            90th percentile arrival, scaled to messages (repeats included)
-  p50/p99/max ms  send -> observation read back (committed), over observed messages
-  drift ms  median latency of the last tenth minus the first: > 0 = a queue builds up
-  host cpu  busy CPU of the whole host (100% = one core); sut cpu = the system under test
-            (passthrough process or worker); threads cpu = its three busiest threads"""
-    )
-
-
-def print_summary(
-    results: dict[str, PassResult], dead_letters: Counter[str], ready_s: float
-) -> None:
-    """Print the ratios and verdicts that the table implies."""
+def print_summary(results: dict[str, PassResult], notes: dict[str, Any]) -> None:
+    """Print the ratio, the verdict at the paced rate, and what the worker said."""
     raw, pipe = results.get("raw flat-out"), results.get("pipeline flat-out")
-    if raw and pipe and raw.sustained_per_s > 0:
-        ratio = pipe.sustained_per_s / raw.sustained_per_s
+    if raw and pipe and raw.steady_per_s > 0:
+        ratio = pipe.steady_per_s / raw.steady_per_s
         print(
-            f"\npipeline/raw steady throughput: {ratio:.3f} ({pipe.sustained_per_s:.0f} / {raw.sustained_per_s:.0f} per s)"
+            f"\npipeline/raw, steady rate: {ratio:.3f} "
+            f"({pipe.steady_per_s:.0f} / {raw.steady_per_s:.0f} per s)"
         )
     paced = results.get("pipeline paced")
     if paced is not None and paced.target_per_s:
         keeps_up = (
             paced.processed_per_s >= 0.95 * paced.target_per_s and paced.drift_ms < 100
         )
+        p99_ms = percentile(paced.latencies_ms, 99)
         print(
-            f"worker keeps up at {paced.target_per_s:.0f}/s: {'yes' if keeps_up else 'no'}; p99 {percentile(paced.latencies_ms, 99):.0f} ms"
+            f"worker keeps up at {paced.target_per_s:.0f}/s: "
+            f"{'yes' if keeps_up else 'no'} (p99 {p99_ms:.0f} ms; target: "
+            f"{TARGET_PER_S}/s with p99 < {TARGET_P99_MS} ms)"
         )
-    print(
-        f"worker ready after {ready_s:.1f} s; dead letters: {dict(dead_letters) or 'none'}"
-    )
+    for name, value in notes.items():
+        print(f"{name}: {value}")
 
 
 # -- the run ------------------------------------------------------------------
 
 
-async def bench(cfg: BenchConfig) -> int:
-    """Run every pass, print the report; return the exit code."""
-    ctx = make_context(cfg)
-    print_parameters(cfg, ctx)
-    producer = new_producer(cfg.bootstrap)
-    await producer.start()
-    results: dict[str, PassResult] = {}
-    try:
-        await create_topics(
-            cfg.bootstrap,
-            [ctx.source_topic, ctx.aggregated_topic, ctx.dead_letter_topic],
-            ctx.partitions,
-        )
-        results["raw flat-out"] = await run_raw(
-            ctx, cfg, producer, name="raw flat-out", rate_per_s=None, round_no=1
-        )
-        pipeline_results, dead_letters, ready_s = await run_pipeline(ctx, cfg, producer)
-        results.update(pipeline_results)
-        rate = results["pipeline paced"].target_per_s
-        results["raw paced"] = await run_raw(
-            ctx, cfg, producer, name="raw paced", rate_per_s=rate, round_no=2
-        )
-    finally:
-        await producer.stop()
-        await cleanup(ctx, cfg)
-
-    print_results(list(results.values()))
-    print_legend()
-    print_summary(results, dead_letters, ready_s)
-    return 0
-
-
 async def run_pipeline(
-    ctx: RunContext, cfg: BenchConfig, producer: AIOKafkaProducer
-) -> tuple[dict[str, PassResult], Counter[str], float]:
-    """Start a worker, run the flat-out and paced passes, stop the worker."""
+    cfg: BenchConfig,
+    *,
+    name: str,
+    count: int,
+    rate_per_s: float | None,
+) -> tuple[PassResult, dict[str, Any]]:
+    """Run one pipeline pass against a worker of its own, on topics of its own.
+
+    A fresh worker per pass: the paced pass never inherits the backlog of the
+    flat-out one, however slow the worker is.
+    """
+    ctx = make_context(cfg)
+    topics = [ctx.source_topic, ctx.aggregated_topic, ctx.dead_letter_topic]
+    await create_topics(cfg.bootstrap, topics, ctx.partitions)
     templates = load_templates(garage_path())
     plan = plan_messages(
-        2 * cfg.count,
+        count,
         templates=len(templates),
         repeat_ratio=cfg.repeat_ratio,
         seed=cfg.seed,
         run_id=ctx.run_id,
     )
+
     worker = start_worker(ctx, cfg)
-    results: dict[str, PassResult] = {}
     try:
-        ready_s = await wait_ready(ctx, cfg, worker, producer, templates)
-        flat = pipeline_spec(
-            ctx,
-            plan,
-            templates,
-            name="pipeline flat-out",
-            indices=range(cfg.count),
-            rate_per_s=None,
-            worker_pid=worker.pid,
-        )
-        results[flat.name] = await _profiled(flat, cfg, producer, ctx, worker.pid)
-        rate = cfg.rate_per_s or _auto_rate(results[flat.name])
-        count = min(cfg.count, int(rate * cfg.paced_max_s))
-        paced = pipeline_spec(
-            ctx,
-            plan,
-            templates,
-            name="pipeline paced",
-            indices=range(cfg.count, cfg.count + count),
-            rate_per_s=rate,
-            worker_pid=worker.pid,
-        )
-        results[paced.name] = await run_pass(paced, cfg, producer)
-        dead_letters = await count_dead_letters(cfg, ctx)
+        load = PipelineLoad(ctx, plan, templates, worker.process.pid)
+        async with started_producer(cfg.bootstrap) as producer:
+            return await _pipeline_pass(
+                load, cfg, producer, worker, name=name, rate_per_s=rate_per_s
+            )
     finally:
         stop_worker(worker)
-    return results, dead_letters, ready_s
+        await cleanup(ctx, cfg)
+
+
+async def _pipeline_pass(
+    load: PipelineLoad,
+    cfg: BenchConfig,
+    producer: AIOKafkaProducer,
+    worker: Worker,
+    *,
+    name: str,
+    rate_per_s: float | None,
+) -> tuple[PassResult, dict[str, Any]]:
+    ready_s = await wait_ready(load.ctx, cfg, worker, producer, load.templates[0])
+    notes: dict[str, Any] = {
+        "run": load.ctx.run_id,
+        "worker ready after s": round(ready_s, 1),
+    }
+
+    spec = load.spec(name, range(len(load.plan)), rate_per_s)
+    if cfg.profile and rate_per_s is None:
+        profile_out = load.ctx.tmp_dir / f"{load.ctx.run_id}-profile.txt"
+        result = await profiled_pass(spec, cfg, producer, profile_out)
+    else:
+        result = await run_pass(spec, cfg, producer)
+    check_alive(worker)
+
+    notes["worker counts"] = await asyncio.to_thread(worker_counts, worker)
+    return result, notes
 
 
 def _auto_rate(flat: PassResult) -> float:
-    return max(100.0, round(flat.sustained_per_s * AUTO_RATE_SHARE, -2))
+    return max(50.0, round(flat.steady_per_s * AUTO_RATE_SHARE, -1))
 
 
-async def _profiled(
-    spec: PassSpec,
-    cfg: BenchConfig,
-    producer: AIOKafkaProducer,
-    ctx: RunContext,
-    pid: int,
-) -> PassResult:
-    if not cfg.profile:
-        return await run_pass(spec, cfg, producer)
-    out = ctx.tmp_dir / "profile.txt"
-    spy = await start_profile(pid, cfg.profile_s, out)
-    result = await run_pass(spec, cfg, producer)
-    _, stderr = await spy.communicate()
-    if spy.returncode != 0 or not out.exists():
-        print(
-            f"py-spy failed: code={spy.returncode} {stderr.decode(errors='replace')[-500:]}"
+async def bench(cfg: BenchConfig) -> int:
+    """Run every pass and print the report; return the exit code."""
+    ctx = make_context(cfg)
+    print_parameters(cfg, ctx)
+    results: dict[str, PassResult] = {}
+    notes: dict[str, Any] = {}
+    try:
+        results["raw flat-out"] = await run_raw(
+            ctx, cfg, name="raw flat-out", rate_per_s=None
         )
-        return result
-    shutil.copy(out, Path(tempfile.gettempdir()) / f"{ctx.run_id}-profile.txt")
-    print_profile(read_profile(out))
-    return result
+        flat, notes["pipeline flat-out"] = await run_pipeline(
+            cfg, name="pipeline flat-out", count=cfg.count, rate_per_s=None
+        )
+        results[flat.name] = flat
+
+        rate_per_s = cfg.rate_per_s or _auto_rate(flat)
+        paced, notes["pipeline paced"] = await run_pipeline(
+            cfg,
+            name="pipeline paced",
+            count=_paced_count(cfg, rate_per_s),
+            rate_per_s=rate_per_s,
+        )
+        results[paced.name] = paced
+        results["raw paced"] = await run_raw(
+            ctx, cfg, name="raw paced", rate_per_s=rate_per_s
+        )
+    finally:
+        await cleanup(ctx, cfg)
+
+    print_results(list(results.values()))
+    print_summary(results, notes)
+    return 0
 
 
 async def cleanup(ctx: RunContext, cfg: BenchConfig) -> None:
@@ -1174,8 +1342,10 @@ async def cleanup(ctx: RunContext, cfg: BenchConfig) -> None:
     if cfg.keep:
         print(f"kept: topics {ctx.run_id}* and {ctx.tmp_dir}")
         return
-    with contextlib.suppress(Exception):
+    try:
         await delete_run_topics(cfg.bootstrap, ctx.run_id)
+    except (KafkaError, OSError) as exc:
+        print(f"could not delete topics {ctx.run_id}*: {exc!r}")
     shutil.rmtree(ctx.tmp_dir, ignore_errors=True)
 
 
@@ -1185,39 +1355,24 @@ def _rate(text: str) -> float | None:
 
 def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "-n", "--count", type=int, default=20_000, help="messages per pass"
+    parser = argparse.ArgumentParser(
+        description="Raw aiokafka passthrough against the whole pipeline, once."
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add("-n", "--count", type=int, default=20_000, help="messages per flat-out pass")
+    add(
         "--guarantee", choices=("exactly_once", "at_least_once"), default="exactly_once"
     )
-    parser.add_argument(
-        "--rate",
-        type=_rate,
-        default=None,
-        help="paced passes, events/s (default auto: 80%% of the flat-out steady rate)",
-    )
-    parser.add_argument(
-        "--repeat-ratio",
-        type=float,
-        default=0.0,
-        help="share of messages that repeat a recent kept one",
-    )
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument(
-        "--profile",
-        action="store_true",
-        help="py-spy the worker during the flat-out pass",
-    )
-    parser.add_argument("--profile-s", type=int, default=15)
-    parser.add_argument(
-        "--paced-max-s", type=float, default=15.0, help="longest paced pass"
-    )
-    parser.add_argument(
-        "--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092")
-    )
-    parser.add_argument("--keep", action="store_true", help="keep topics and data dir")
+    add("--rate", type=_rate, default=None, help="paced passes, messages/s, or auto")
+    add("--repeat-ratio", type=float, default=0.0, help="share of repeat messages")
+    add("--seed", type=int, default=1, help="seed of the repeats")
+    add("--profile", action="store_true", help="py-spy the worker, flat-out pass")
+    add("--profile-s", type=int, default=15, help="py-spy duration")
+    add("--paced-max-s", type=float, default=20.0, help="longest paced pass")
+    add("--pass-timeout-s", type=float, default=90.0, help="longest wait per pass")
+    add("--log-level", default="warn", help="the worker's -l")
+    add("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092"))
+    add("--keep", action="store_true", help="keep the topics and the data dir")
     args = parser.parse_args(argv)
     return BenchConfig(
         bootstrap=args.bootstrap,
@@ -1229,12 +1384,14 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         profile=args.profile,
         profile_s=args.profile_s,
         paced_max_s=args.paced_max_s,
+        pass_timeout_s=args.pass_timeout_s,
+        log_level=args.log_level,
         keep=args.keep,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark once."""
+    """Run the benchmark once; the worker is stopped whatever happens."""
     cfg = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return asyncio.run(bench(cfg))
