@@ -36,9 +36,12 @@ from aggregator_app.topics import (
 )
 from rules.config import SourceConfig
 
-__all__ = ["REPLAY_HEADER", "ingest_agents"]
+__all__ = ["REPLAY_HEADER", "TRUNCATED_HEADER", "ingest_agents"]
 
 logger = logging.getLogger(__name__)
+
+#: Header of a dead-letter copy cut to the payload limit: the original size.
+TRUNCATED_HEADER = "dead-letter-truncated-from"
 
 #: Header set by the replay tool: the record is recorded data, and its
 #: timestamp (not the worker's clock) is the reference for the clock-skew check.
@@ -69,11 +72,7 @@ async def _forward(event: EventT, source: SourceConfig) -> None:
         )
     except RejectedEvent as error:
         counters.reject(error.reason)
-        await dead_letter_topic.send(
-            key=record.key,
-            value=record.value,
-            headers=dead_letter_headers(record, error),
-        )
+        await _dead_letter(record, error)
         return
 
     counters.accepted_messages += 1
@@ -90,6 +89,22 @@ async def _forward(event: EventT, source: SourceConfig) -> None:
             value=detector_event.model_dump_json().encode(),
             timestamp=detector_event.event_time_ms / 1000,
         )
+
+
+async def _dead_letter(record: RawRecord, error: RejectedEvent) -> None:
+    """Copy a rejected record to the dead-letter topic, byte for byte.
+
+    A value over the payload limit is cut to the limit, and the header
+    ``dead-letter-truncated-from`` gives its full size: the broker may refuse
+    the whole (a message over its ``message.max.bytes`` would crash the agent).
+    """
+    value = record.value
+    headers = dead_letter_headers(record, error)
+    limit = rules.ingest.max_payload_bytes
+    if value is not None and len(value) > limit:
+        headers.append((TRUNCATED_HEADER, str(len(value)).encode("ascii")))
+        value = value[:limit]
+    await dead_letter_topic.send(key=record.key, value=value, headers=headers)
 
 
 def _make_agent(source: SourceConfig) -> AgentFun:

@@ -306,7 +306,9 @@ class Deduplicator:
         redelivered = event_id == span.kept_id or event_id in span.absorbed_ids
         outcome: Outcome = "redelivery" if redelivered else "repeat"
 
-        span.absorbed_count += 1
+        if not redelivered:
+            # A redelivery is the same event again: it adds nothing to count.
+            span.absorbed_count += 1
         span.last_ms = max(span.last_ms, event.event_time_ms)
         if not redelivered and len(span.absorbed_ids) < self.rule.max_absorbed_ids:
             span.absorbed_ids.append(event_id)
