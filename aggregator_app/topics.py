@@ -17,6 +17,7 @@ from aggregator_app.app import app, rules
 
 __all__ = [
     "TICK_HEADER",
+    "TOPIC_CONFIG",
     "aggregated_topic",
     "dead_letter_topic",
     "detector_events_topic",
@@ -30,15 +31,22 @@ __all__ = [
 TICK_HEADER = "x-aggregator-tick"
 
 
+#: Records carry event times as timestamps, and replayed recordings carry old
+#: ones; Kafka's retention by time would delete them within minutes of their
+#: arrival. Our topics are therefore bounded by size, per partition.
+TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": str(2 * 1024**3)}
+
+
 def _raw_topic(name: str) -> TopicT:
-    # ``internal`` makes the worker create the topic with our partition count,
-    # instead of relying on the broker's auto-creation and its default count.
+    # ``internal`` makes the worker create the topic with our partition count
+    # and config, instead of relying on the broker's auto-creation and defaults.
     return app.topic(
         name,
         partitions=rules.partitions,
         key_serializer="raw",
         value_serializer="raw",
         internal=True,
+        config=TOPIC_CONFIG,
     )
 
 
