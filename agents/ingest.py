@@ -40,6 +40,10 @@ __all__ = ["REPLAY_HEADER", "TRUNCATED_HEADER", "ingest_agents"]
 
 logger = logging.getLogger(__name__)
 
+#: Largest dead-letter value sent whole: under Kafka's default 1 MiB
+#: ``max.message.bytes`` with room for the headers.
+_DEAD_LETTER_MAX_BYTES = 900 * 1024
+
 #: Header of a dead-letter copy cut to the payload limit: the original size.
 TRUNCATED_HEADER = "dead-letter-truncated-from"
 
@@ -94,13 +98,13 @@ async def _forward(event: EventT, source: SourceConfig) -> None:
 async def _dead_letter(record: RawRecord, error: RejectedEvent) -> None:
     """Copy a rejected record to the dead-letter topic, byte for byte.
 
-    A value over the payload limit is cut to the limit, and the header
-    ``dead-letter-truncated-from`` gives its full size: the broker may refuse
-    the whole (a message over its ``message.max.bytes`` would crash the agent).
+    A value the broker would refuse (over ``_DEAD_LETTER_MAX_BYTES``; a send
+    over the broker's ``max.message.bytes`` fails the agent) is cut to that
+    size, and the header ``dead-letter-truncated-from`` gives its full size.
     """
     value = record.value
     headers = dead_letter_headers(record, error)
-    limit = rules.ingest.max_payload_bytes
+    limit = _DEAD_LETTER_MAX_BYTES
     if value is not None and len(value) > limit:
         headers.append((TRUNCATED_HEADER, str(len(value)).encode("ascii")))
         value = value[:limit]
