@@ -6,7 +6,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["WorkerCounters", "counters"]
+__all__ = ["WorkerCounters", "counters", "prometheus_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +65,42 @@ class WorkerCounters:
 
 
 counters = WorkerCounters()
+
+_COUNTER_HELP = {
+    "received": "Records read from detector topics.",
+    "accepted_messages": "Records turned into events.",
+    "accepted_events": "Events accepted (a record may hold several).",
+    "rejected": "Records sent to the dead-letter topic.",
+    "kept": "Events kept by deduplication.",
+    "repeats": "Events absorbed as repeats.",
+    "redeliveries": "Events absorbed as redeliveries.",
+    "reprocessed": "Kept events read again after a restart.",
+    "late": "Events older than the watermark by more than the grace period.",
+    "published_open": "Open observations published.",
+    "published_closed": "Closed observations published.",
+}
+
+
+def prometheus_text(data: WorkerCounters, gauges: dict[str, float]) -> str:
+    """Return the counters and ``gauges`` in Prometheus' text format.
+
+    Counter names get the prefix ``aggregator_`` and the suffix ``_total``;
+    rejects are one counter with a ``reason`` label.
+    """
+    lines: list[str] = []
+    for name, help_text in _COUNTER_HELP.items():
+        metric = f"aggregator_{name}_total"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        lines.append(f"{metric} {getattr(data, name)}")
+
+    metric = "aggregator_rejected_by_reason_total"
+    lines += [
+        f"# HELP {metric} Rejected records by reason.",
+        f"# TYPE {metric} counter",
+    ]
+    for reason, count in sorted(data.rejected_by_reason.items()):
+        lines.append(f'{metric}{{reason="{reason}"}} {count}')
+
+    for name, value in gauges.items():
+        lines += [f"# TYPE aggregator_{name} gauge", f"aggregator_{name} {value}"]
+    return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ __all__ = [
     "aggregated_event",
     "backlog_rows",
     "detector_event",
+    "last_error",
     "stored_counts",
     "writer",
 ]
@@ -91,6 +92,12 @@ def backlog_rows() -> int:
     """Return the rows handed to the writer and not stored yet."""
     current = _state["writer"]
     return 0 if current is None else current.backlog_rows
+
+
+def last_error() -> str | None:
+    """Return the store writer's last failure, ``None`` once it writes again."""
+    current = _state["writer"]
+    return None if current is None else current.last_error
 
 
 def stored_counts() -> dict[str, int]:

@@ -7,6 +7,11 @@
     The counters plus the rows in the event store, for the demo job.
 ``GET /aggregator/dedup/?key=<dedup key>&time_ms=<event time>``
     The spans this worker holds for a dedup key around an event time.
+``GET /aggregator/metrics/``
+    The counters and gauges in Prometheus' text format.
+``GET /aggregator/health/``
+    200 when this worker holds partitions and its store writes, else 503,
+    with the reasons in JSON.
 
 TODO: route table queries to the worker that owns the key (faust's
 ``table_route``) so any worker answers for any key; until then a query
@@ -22,9 +27,9 @@ from faust.web import Request, Response, View
 
 from aggregator_app import sink
 from aggregator_app.app import app
-from aggregator_app.metrics import counters
+from aggregator_app.metrics import counters, prometheus_text
 
-__all__ = ["CountsView", "DedupView", "SummaryView"]
+__all__ = ["CountsView", "DedupView", "HealthView", "MetricsView", "SummaryView"]
 
 blueprint_prefix = "/aggregator"
 
@@ -63,6 +68,37 @@ class DedupView(View):
         return self.json(
             {"scope": "local", "key": key, "spans": [span.to_json() for span in spans]}
         )
+
+
+@app.page(f"{blueprint_prefix}/metrics/")
+class MetricsView(View):
+    """Counters and gauges for Prometheus."""
+
+    async def get(self, request: Request) -> Response:
+        gauges = {
+            "store_backlog_rows": float(sink.backlog_rows()),
+            "assigned_partitions": float(len(app.assignor.assigned_actives())),
+        }
+        return self.text(
+            prometheus_text(counters, gauges),
+            content_type="text/plain; version=0.0.4",
+        )
+
+
+@app.page(f"{blueprint_prefix}/health/")
+class HealthView(View):
+    """Whether this worker is doing its work."""
+
+    async def get(self, request: Request) -> Response:
+        problems = []
+        if not app.assignor.assigned_actives():
+            problems.append("no partitions assigned")
+        store_error = sink.last_error()
+        if store_error is not None:
+            problems.append(f"store: {store_error}")
+        status = 503 if problems else 200
+        body = {"status": "ok" if not problems else "degraded", "problems": problems}
+        return self.json(body, status=status)
 
 
 def _counts() -> dict[str, Any]:

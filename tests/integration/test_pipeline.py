@@ -10,7 +10,9 @@ publish, and its spans what the ``closed`` ones must say.
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -496,3 +498,24 @@ def test_spans_open_at_a_graceful_restart_still_close(
     )
     assert closed == expected.spans
     assert len(closes) == len(expected.spans)
+
+
+def test_health_and_metrics_answer_on_the_web_port(
+    worker_factory: Callable[..., Any],
+    send_detections: SendDetections,
+    garage_payloads: list[bytes],
+) -> None:
+    worker = worker_factory()
+    payloads = garage_payloads[:50]
+    send_detections(worker.topic("detections.deepstream"), payloads)
+    wait_processed(worker, received=len(payloads))
+
+    with urllib.request.urlopen(f"{worker.url}/aggregator/health/") as response:
+        health = json.loads(response.read())
+        assert response.status == 200
+    with urllib.request.urlopen(f"{worker.url}/aggregator/metrics/") as response:
+        metrics = response.read().decode().splitlines()
+
+    assert health == {"status": "ok", "problems": []}
+    assert f"aggregator_received_total {len(payloads)}" in metrics
+    assert any(line.startswith("aggregator_assigned_partitions ") for line in metrics)
