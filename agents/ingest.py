@@ -25,7 +25,12 @@ from faust.types import EventT, StreamT
 from agents.dedup import deduplicate
 from aggregator_app.app import app, rules
 from aggregator_app.exceptions import RejectedEvent
-from aggregator_app.ingest import RawRecord, dead_letter_headers, parse_record
+from aggregator_app.ingest import (
+    REPLAY_HEADER,
+    RawRecord,
+    dead_letter_headers,
+    parse_record,
+)
 from aggregator_app.metrics import counters
 from aggregator_app.topics import (
     dead_letter_topic,
@@ -36,7 +41,7 @@ from aggregator_app.topics import (
 )
 from rules.config import SourceConfig
 
-__all__ = ["REPLAY_HEADER", "TRUNCATED_HEADER", "ingest_agents"]
+__all__ = ["TRUNCATED_HEADER", "ingest_agents"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +51,6 @@ _DEAD_LETTER_MAX_BYTES = 900 * 1024
 
 #: Header of a dead-letter copy cut to the payload limit: the original size.
 TRUNCATED_HEADER = "dead-letter-truncated-from"
-
-#: Header set by the replay tool: the record is recorded data, and its
-#: timestamp (not the worker's clock) is the reference for the clock-skew check.
-REPLAY_HEADER = "x-aggregator-replay"
 
 AgentFun = Callable[[StreamT], Coroutine[Any, Any, None]]
 

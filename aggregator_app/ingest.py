@@ -46,6 +46,7 @@ from aggregator_app.schema import BBox, DetectorEvent, NormalisedBBox
 from rules.config import CameraInfo, RulesConfig, SourceConfig
 
 __all__ = [
+    "REPLAY_HEADER",
     "HEADER_DETAIL",
     "HEADER_OFFSET",
     "HEADER_PARTITION",
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Header set by the replay tool: the record is recorded data, and its
+#: timestamp (not the worker's clock) is the reference for the clock-skew check.
+REPLAY_HEADER: Final = "x-aggregator-replay"
 
 HEADER_REASON: Final = "dead-letter-reason"
 HEADER_DETAIL: Final = "dead-letter-detail"

@@ -56,6 +56,7 @@ from aiokafka.errors import KafkaError
 from tqdm import tqdm
 
 from aggregator_app.exceptions import AggregatorError, ConfigError, RejectedEvent
+from aggregator_app.ingest import REPLAY_HEADER
 from aggregator_app.timeparse import to_epoch_ms
 from rules.config import load_rules
 
@@ -79,12 +80,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The ingest agents read this header (agents.ingest.REPLAY_HEADER). It is
-# repeated here because aggregator_app.topics does not define it, and importing
-# agents.ingest would register the service's agents in this process. A unit
-# test keeps the two equal.
-REPLAY_HEADER: Final = "x-aggregator-replay"
 
 FORMATS: Final = ("deepstream", "frigate", "dlstreamer", "mot", "unified")
 DEFAULT_FPS: Final = 25.0

@@ -37,6 +37,7 @@ from aiokafka.structs import RecordMetadata
 from clickhouse_driver import Client
 
 from aggregator_app.exceptions import AggregatorError
+from aggregator_app.ingest import REPLAY_HEADER
 from aggregator_app.timeparse import to_epoch_ms
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,10 +45,6 @@ KAFKA_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "localhost:9092")
 CLICKHOUSE_TEST_URL = os.environ.get(
     "CLICKHOUSE_TEST_URL", "clickhouse://127.0.0.1:9000"
 )
-
-#: Header the replay tool sets (``agents.ingest.REPLAY_HEADER``); not imported
-#: from there, as importing ``agents`` registers the service's agents.
-REPLAY_HEADER = "x-aggregator-replay"
 
 WORKER_READY_TIMEOUT_S = 90.0
 WORKER_STOP_TIMEOUT_S = 30.0

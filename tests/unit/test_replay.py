@@ -345,6 +345,6 @@ def test_rebased_deepstream_time_reads_back_exactly(now_ms: int) -> None:
 
 
 def test_replay_header_is_the_one_ingest_reads() -> None:
-    from agents.ingest import REPLAY_HEADER as INGEST_HEADER
+    from aggregator_app.ingest import REPLAY_HEADER as INGEST_HEADER
 
     assert REPLAY_HEADER == INGEST_HEADER
