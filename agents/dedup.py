@@ -1,16 +1,20 @@
 """The dedup agent: keeps one event per repeated thing and publishes it.
 
 It reads ``detector-events`` (keyed by camera id, so every dedup key of a
-camera meets this agent on one partition) and, for every event:
+camera meets this agent on one partition) a fetched batch at a time
+(:mod:`aggregator_app.transport`), and for every batch:
 
-1. decides kept / repeat / redelivery (:class:`~aggregator_app.dedup.Deduplicator`);
-2. writes the changed window to the dedup table at once, in the event's
-   partition;
-3. publishes a kept event at once as an ``open`` observation (again, with the
-   same id, when it is read again after a restart);
-4. now and then, closes the spans that the partition's watermark has passed
-   and publishes them as ``closed`` observations with what they absorbed, and
-   forgets the windows that no event can reach any more.
+1. decides, event by event, kept / repeat / redelivery
+   (:class:`~aggregator_app.dedup.Deduplicator`);
+2. writes the windows the batch changed to the dedup table, in the batch's
+   partition, once each;
+3. publishes every kept event as an ``open`` observation (again, with the same
+   id, when it is read again after a restart);
+4. closes the spans that the partition's watermark has passed and publishes
+   them as ``closed`` observations with what they absorbed, and forgets the
+   windows that no event can reach any more;
+5. waits until the broker has every record the batch produced; only then is
+   the batch acknowledged, and its offsets committed.
 
 A tick record (header :data:`~aggregator_app.topics.TICK_HEADER`) carries no
 event: it closes the spans of a partition that has gone quiet.
@@ -20,15 +24,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from faust.types import StreamT
+from faust.types import Message, StreamT
 from pydantic import ValidationError
 
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Decision, Deduplicator, Span
 from aggregator_app.metrics import counters
+from aggregator_app.outbox import Outbox
 from aggregator_app.schema import AggregatedEvent, DetectorEvent
 from aggregator_app.topics import (
     TICK_HEADER,
@@ -36,30 +43,51 @@ from aggregator_app.topics import (
     detector_events_topic,
     has_header,
 )
-from tables.dedup import TableSpanStore, dedup_table
+from tables.dedup import TableSpanStore
 
-__all__ = ["dedup_agent", "deduplicate", "deduplicator"]
+__all__ = ["dedup_agent", "deduplicate_batch", "deduplicator"]
 
 logger = logging.getLogger(__name__)
 
-_CLOSE_EVERY_S = 0.2
+#: A position: where an event was read ("topic/partition/offset[/index]").
+Positioned = tuple[DetectorEvent, str]
+
 _rule = rules.dedup
 _window_ms = int(_rule.window_s * 1000)
 _horizon_ms = 2 * _window_ms + int(_rule.grace_s * 1000)
 
 _span_store = TableSpanStore()
-deduplicator = Deduplicator(_rule, _span_store)
-_last_close_s: dict[int, float] = {}
+deduplicator = Deduplicator(_rule, _span_store, read_through=False)
 _last_event_s: dict[int, float] = {}
+#: Per partition: (wall-clock time, horizon then), oldest first.
+_horizons: dict[int, deque[tuple[float, int]]] = {}
+#: How long a reached horizon waits before windows behind it are forgotten:
+#: many commit intervals (``broker_commit_interval`` in the app).
+_FORGET_DELAY_S = 10.0
+_HORIZON_STEP_S = 0.5
 
 
 @app.agent(detector_events_topic, name="dedup")
 async def dedup_agent(stream: StreamT) -> None:
-    """Deduplicate detector events and publish observations."""
+    """Deduplicate detector events and publish observations, a batch at a time."""
     async for event in stream.events():
-        message = event.message
-        if has_header(event, TICK_HEADER):
-            await _maybe_close(message.partition, force=True)
+        messages: list[Message] = event.value
+        partition = event.message.partition
+        outbox = Outbox(app.producer)
+        events, ticked = _read_internal(messages)
+        await deduplicate_batch(events, partition=partition, outbox=outbox)
+        if ticked:
+            await _close_due(partition, outbox, force=True)
+        await outbox.flush()
+
+
+def _read_internal(messages: Sequence[Message]) -> tuple[list[Positioned], bool]:
+    """Return the events of a batch of ``detector-events``, and whether it ticked."""
+    events: list[Positioned] = []
+    ticked = False
+    for message in messages:
+        if has_header(message, TICK_HEADER):
+            ticked = True
             continue
         try:
             detector_event = DetectorEvent.model_validate_json(message.value or b"")
@@ -71,39 +99,43 @@ async def dedup_agent(stream: StreamT) -> None:
                 exc,
             )
             continue
-        await deduplicate(
-            detector_event,
-            partition=message.partition,
-            position=f"{message.topic}/{message.partition}/{message.offset}",
-        )
+        position = f"{message.topic}/{message.partition}/{message.offset}"
+        events.append((detector_event, position))
+    return events, ticked
 
 
-async def deduplicate(
-    detector_event: DetectorEvent, *, partition: int, position: str
+async def deduplicate_batch(
+    events: Sequence[Positioned], *, partition: int, outbox: Outbox
 ) -> None:
-    """Deduplicate one event of the partition being processed, and publish.
+    """Deduplicate the events of one batch of ``partition``, and publish.
 
-    Must run inside the iteration of an agent whose current record is in
-    ``partition`` of a topic co-partitioned with the dedup table: the ingest
-    agents call it directly for records already keyed by camera id.
+    Must run inside the iteration of an agent whose current record is a batch
+    of ``partition`` of a topic co-partitioned with the dedup table: the
+    ingest agents call it directly for records already keyed by camera id.
+    The records it produces are in ``outbox``; the caller flushes it.
     """
-    _last_event_s[partition] = time.monotonic()
+    if events:
+        _last_event_s[partition] = time.monotonic()
+
+    decisions: list[tuple[DetectorEvent, Decision]] = []
+    for detector_event, position in events:
+        decision = _observe(detector_event, partition, position)
+        decisions.append((detector_event, decision))
+        if decision.outcome in ("kept", "reprocessed"):
+            await _publish(detector_event, decision.span, "open", outbox)
+
+    sink.detector_events(decisions)
+    await _close_due(partition, outbox, force=False)
+
+
+def _observe(event: DetectorEvent, partition: int, position: str) -> Decision:
     watermark_ms = deduplicator.watermark_ms(partition)
-    if (
-        watermark_ms is not None
-        and detector_event.event_time_ms < watermark_ms - _horizon_ms
-    ):
+    if watermark_ms is not None and event.event_time_ms < watermark_ms - _horizon_ms:
         counters.late += 1
 
-    decision = deduplicator.observe(detector_event, partition, position)
+    decision = deduplicator.observe(event, partition, position)
     _count(decision)
-    # Every change is written at once, in this event's partition: a graceful
-    # stop commits the offset of this event, so nothing would write it later.
-    deduplicator.flush(partition)
-    if decision.outcome in ("kept", "reprocessed"):
-        await _publish(detector_event, decision.span, status="open")
-    sink.detector_event(detector_event, decision)
-    await _maybe_close(partition, force=False)
+    return decision
 
 
 def _count(decision: Decision) -> None:
@@ -117,30 +149,66 @@ def _count(decision: Decision) -> None:
         counters.reprocessed += 1
 
 
-async def _maybe_close(partition: int, *, force: bool) -> None:
-    now_s = time.monotonic()
-    if not force and now_s - _last_close_s.get(partition, 0.0) < _CLOSE_EVERY_S:
-        return
-    _last_close_s[partition] = now_s
+async def _close_due(partition: int, outbox: Outbox, *, force: bool) -> None:
+    """Close due spans, forget old windows, write the table's changes.
 
+    ``force`` (a tick) closes every open span of a partition that has had no
+    event for ``close_after_idle_s``.
+    """
+    now_s = time.monotonic()
     idle_s = now_s - _last_event_s.get(partition, now_s)
     idle = force and idle_s >= _rule.close_after_idle_s
-    closed = deduplicator.close_due(partitions=[partition], force=idle)
-    for _key, span in closed:
-        await _publish_closed(span)
+    for _key, span in deduplicator.close_due(partitions=[partition], force=idle):
+        await _publish_closed(span, outbox)
     deduplicator.flush(partition)
 
+    _forget_old_windows(partition, now_s)
+    await _send_changelog(partition, outbox)
+
+
+def _forget_old_windows(partition: int, now_s: float) -> None:
+    """Forget the windows no event can reach any more, once that is safe.
+
+    A window is out of reach once the watermark is ``_horizon_ms`` past it,
+    but the records that were processed before then may not be committed
+    yet; after a crash they are read again and must find their spans. So a
+    horizon takes effect only ``_FORGET_DELAY_S`` of wall-clock time after
+    it was reached, many commit intervals later.
+    """
     watermark_ms = deduplicator.watermark_ms(partition)
-    if watermark_ms is not None:
-        deduplicator.forget_before(partition, watermark_ms - _horizon_ms)
+    horizons = _horizons.setdefault(partition, deque())
+    if watermark_ms is not None and (
+        not horizons or now_s - horizons[-1][0] >= _HORIZON_STEP_S
+    ):
+        horizons.append((now_s, watermark_ms - _horizon_ms))
+
+    safe_ms = None
+    while horizons and horizons[0][0] <= now_s - _FORGET_DELAY_S:
+        safe_ms = horizons.popleft()[1]
+    if safe_ms is not None:
+        deduplicator.forget_before(partition, safe_ms)
 
 
-async def _publish_closed(span: Span) -> None:
+async def _send_changelog(partition: int, outbox: Outbox) -> None:
+    topic = _span_store.changelog_topic
+    for key, value in _span_store.take_changelog():
+        await outbox.send(
+            topic,
+            key=key,
+            value=value,
+            partition=partition,
+            on_sent=_span_store.on_changelog_sent,
+        )
+
+
+async def _publish_closed(span: Span, outbox: Outbox) -> None:
     kept = DetectorEvent.model_validate_json(span.kept_json)
-    await _publish(kept, span, status="closed")
+    await _publish(kept, span, "closed", outbox)
 
 
-async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
+async def _publish(
+    event: DetectorEvent, span: Span, status: str, outbox: Outbox
+) -> None:
     """Publish an observation: ``open`` as it was when kept, or ``closed``.
 
     An ``open`` observation carries nothing absorbed, even when it is published
@@ -163,10 +231,11 @@ async def _publish(event: DetectorEvent, span: Span, *, status: str) -> None:
         absorbed_ids=[] if is_open else list(span.absorbed_ids),
         event=event,
     )
-    await aggregated_topic.send(
+    await outbox.send(
+        aggregated_topic.get_topic_name(),
         key=aggregated.aggregated_id.encode(),
         value=aggregated.model_dump_json().encode(),
-        timestamp=span.start_ms / 1000,
+        timestamp_ms=span.start_ms,
     )
     if is_open:
         counters.published_open += 1
@@ -185,18 +254,20 @@ async def _tick_idle_partitions() -> None:
             continue
         if now_s - _last_event_s.get(tp.partition, now_s) < _rule.close_after_idle_s:
             continue
-        await detector_events_topic.send(
-            value=b"", partition=tp.partition, headers=[(TICK_HEADER, b"1")]
+        await app.producer.send(
+            topic_name, None, b"", tp.partition, None, [(TICK_HEADER, b"1")]
         )
 
 
-@dedup_table.table.on_recover
+@_span_store.table.on_recover
 async def _on_recovered() -> None:
     """Track again the spans this worker holds, so that open ones still close.
 
-    Runs after every rebalance, once the table is restored from its changelog.
-    A partition counts as quiet from now on: with no event for
-    ``close_after_idle_s``, its open spans close by the idle tick.
+    Runs after every rebalance, once the table is restored from its changelog,
+    before any record is processed: the deduplicator then holds every stored
+    window (it reads no store on a cache miss). A partition counts as quiet
+    from now on: with no event for ``close_after_idle_s``, its open spans
+    close by the idle tick.
     """
     now_s = time.monotonic()
     windows = 0
@@ -211,4 +282,17 @@ async def _on_recovered() -> None:
 @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # stub wants a positional-only sender
 async def _on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     deduplicator.reset()
+    _horizons.clear()
     logger.info("dedup: partitions revoked, span cache cleared")
+
+
+@app.on_before_shutdown.connect  # type: ignore[arg-type]  # stub wants a positional-only sender
+async def _commit_at_shutdown(sender: Any, *args: Any, **kwargs: Any) -> None:
+    """Commit what the streams finished before the worker stops.
+
+    By now the streams are empty and every batch is acknowledged; committing
+    here, while the consumer still runs, leaves nothing to read again after a
+    graceful stop.
+    """
+    committed = await app.consumer.commit()
+    logger.info("dedup: committed at shutdown: committed=%s", committed)

@@ -1,6 +1,7 @@
 """One ingest agent per detector source declared in the rules file.
 
-Each agent reads its topic's raw bytes, turns every message into unified
+Each agent reads its topic's raw bytes a fetched batch of one partition at a
+time (:mod:`aggregator_app.transport`), turns every message into unified
 events (:func:`aggregator_app.ingest.parse_record`) and copies every rejected
 message byte for byte to the dead-letter topic with the reason in its headers.
 Nothing raises out of the loop: a worker never stops on bad input.
@@ -17,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from faust.types import EventT, StreamT
+from faust.types import Message, StreamT
 
-from agents.dedup import deduplicate
+from agents.dedup import Positioned, deduplicate_batch
 from aggregator_app.app import app, rules
 from aggregator_app.exceptions import RejectedEvent
 from aggregator_app.ingest import (
@@ -32,6 +33,8 @@ from aggregator_app.ingest import (
     parse_record,
 )
 from aggregator_app.metrics import counters
+from aggregator_app.outbox import Outbox
+from aggregator_app.schema import DetectorEvent
 from aggregator_app.topics import (
     dead_letter_topic,
     detector_events_topic,
@@ -55,8 +58,7 @@ TRUNCATED_HEADER = "dead-letter-truncated-from"
 AgentFun = Callable[[StreamT], Coroutine[Any, Any, None]]
 
 
-def _raw_record(event: EventT) -> RawRecord:
-    message = event.message
+def _raw_record(message: Message) -> RawRecord:
     return RawRecord(
         value=message.value,
         key=message.key,
@@ -64,39 +66,66 @@ def _raw_record(event: EventT) -> RawRecord:
         partition=message.partition,
         offset=message.offset,
         timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
-        replayed=has_header(event, REPLAY_HEADER),
+        replayed=has_header(message, REPLAY_HEADER),
     )
 
 
-async def _forward(event: EventT, source: SourceConfig) -> None:
-    record = _raw_record(event)
+async def ingest_batch(
+    messages: Sequence[Message], source: SourceConfig, partition: int
+) -> None:
+    """Parse, validate and route one fetched batch of a source partition.
+
+    Everything the batch produces (dead letters, re-keyed events, observations,
+    table changes) is sent together, and the broker has all of it before the
+    batch is acknowledged.
+    """
+    outbox = Outbox(app.producer)
+    now_ms = int(time.time() * 1000)
+    local: list[Positioned] = []
+    for message in messages:
+        record = _raw_record(message)
+        for detector_event, position in await _accept(record, source, now_ms, outbox):
+            if partition_for_camera(detector_event.camera_id) == partition:
+                local.append((detector_event, position))
+            else:
+                await _rekey(detector_event, outbox)
+
+    await deduplicate_batch(local, partition=partition, outbox=outbox)
+    await outbox.flush()
+
+
+async def _accept(
+    record: RawRecord, source: SourceConfig, now_ms: int, outbox: Outbox
+) -> list[Positioned]:
+    """Return the events of one record, or dead-letter it and return none."""
     counters.received += 1
     try:
         detector_events = parse_record(
-            record, source=source, rules=rules, now_ms=int(time.time() * 1000)
+            record, source=source, rules=rules, now_ms=now_ms
         )
     except RejectedEvent as error:
         counters.reject(error.reason)
-        await _dead_letter(record, error)
-        return
+        await _dead_letter(record, error, outbox)
+        return []
 
     counters.accepted_messages += 1
-    for index, detector_event in enumerate(detector_events):
-        counters.accepted_events += 1
-        if partition_for_camera(detector_event.camera_id) == record.partition:
-            position = f"{record.topic}/{record.partition}/{record.offset}/{index}"
-            await deduplicate(
-                detector_event, partition=record.partition, position=position
-            )
-            continue
-        await detector_events_topic.send(
-            key=detector_event.camera_id.encode(),
-            value=detector_event.model_dump_json().encode(),
-            timestamp=detector_event.event_time_ms / 1000,
-        )
+    counters.accepted_events += len(detector_events)
+    prefix = f"{record.topic}/{record.partition}/{record.offset}"
+    return [(event, f"{prefix}/{index}") for index, event in enumerate(detector_events)]
 
 
-async def _dead_letter(record: RawRecord, error: RejectedEvent) -> None:
+async def _rekey(detector_event: DetectorEvent, outbox: Outbox) -> None:
+    """Send an event to ``detector-events``, keyed by camera, for the dedup agent."""
+    await outbox.send(
+        detector_events_topic.get_topic_name(),
+        key=detector_event.camera_id.encode(),
+        value=detector_event.model_dump_json().encode(),
+        partition=partition_for_camera(detector_event.camera_id),
+        timestamp_ms=detector_event.event_time_ms,
+    )
+
+
+async def _dead_letter(record: RawRecord, error: RejectedEvent, outbox: Outbox) -> None:
     """Copy a rejected record to the dead-letter topic, byte for byte.
 
     A value the broker would refuse (over ``_DEAD_LETTER_MAX_BYTES``; a send
@@ -109,13 +138,15 @@ async def _dead_letter(record: RawRecord, error: RejectedEvent) -> None:
     if value is not None and len(value) > limit:
         headers.append((TRUNCATED_HEADER, str(len(value)).encode("ascii")))
         value = value[:limit]
-    await dead_letter_topic.send(key=record.key, value=value, headers=headers)
+    await outbox.send(
+        dead_letter_topic.get_topic_name(), key=record.key, value=value, headers=headers
+    )
 
 
 def _make_agent(source: SourceConfig) -> AgentFun:
     async def ingest(stream: StreamT) -> None:
         async for event in stream.events():
-            await _forward(event, source)
+            await ingest_batch(event.value, source, event.message.partition)
 
     ingest.__name__ = f"ingest_{source.name}"
     ingest.__qualname__ = ingest.__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import faust
 
+from aggregator_app import transport  # noqa: F401  # registers the batching transport
 from aggregator_app.settings import load_settings
 from rules.config import load_rules
 
@@ -31,8 +32,14 @@ app = faust.App(
     processing_guarantee=settings.guarantee,
     broker_max_poll_records=5000,
     stream_buffer_maxsize=20_000,
-    stream_wait_empty=False,
+    stream_wait_empty=True,
     producer_linger=0.005,
     producer_max_batch_size=256 * 1024,
     table_cleanup_interval=3600.0,
+    # A crash reads again what was not committed: commit often (it is cheap),
+    # so that little is read again.
+    broker_commit_interval=0.5,
+    # A topic created as the worker subscribes can be missing from the first
+    # metadata; the group is rebalanced once a refresh shows it (default 5 min).
+    consumer_metadata_max_age_ms=5000,
 )

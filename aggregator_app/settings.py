@@ -43,9 +43,14 @@ class Settings:
 
     @property
     def broker_url(self) -> str:
-        """Return the bootstrap servers in faust's URL form."""
+        """Return the bootstrap servers in faust's URL form.
+
+        The scheme picks the transport that delivers batches to the agents
+        (:mod:`aggregator_app.transport`).
+        """
         return ";".join(
-            f"kafka://{server.strip()}" for server in self.kafka_bootstrap.split(",")
+            f"kafka+batches://{server.strip()}"
+            for server in self.kafka_bootstrap.split(",")
         )
 
 

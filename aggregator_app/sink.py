@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from mode import Service
@@ -33,6 +34,7 @@ __all__ = [
     "aggregated_event",
     "backlog_rows",
     "detector_event",
+    "detector_events",
     "last_error",
     "stored_counts",
     "writer",
@@ -80,6 +82,23 @@ def detector_event(event: DetectorEvent, decision: Decision) -> None:
         inserted_at_ms=int(time.time() * 1000),
     )
     writer().submit_detector([row])
+
+
+def detector_events(decisions: Sequence[tuple[DetectorEvent, Decision]]) -> None:
+    """Record the accepted detector events of a batch with their dedup outcomes."""
+    if not decisions:
+        return
+    inserted_at_ms = int(time.time() * 1000)
+    rows = [
+        detector_event_row(
+            event,
+            outcome=_OUTCOMES[decision.outcome],
+            kept_event_id=decision.span.kept_id,
+            inserted_at_ms=inserted_at_ms,
+        )
+        for event, decision in decisions
+    ]
+    writer().submit_detector(rows)
 
 
 def aggregated_event(event: AggregatedEvent) -> None:

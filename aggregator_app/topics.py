@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiokafka.partitioner import murmur2
-from faust.types import EventT, TopicT
+from faust.types import Message, TopicT
 
 from aggregator_app.app import app, rules
+from aggregator_app.transport import BATCHED_TOPICS
 
 __all__ = [
     "TICK_HEADER",
@@ -37,22 +38,29 @@ TICK_HEADER = "x-aggregator-tick"
 TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": str(2 * 1024**3)}
 
 
-def _raw_topic(name: str) -> TopicT:
-    # ``internal`` makes the worker create the topic with our partition count
-    # and config, instead of relying on the broker's auto-creation and defaults.
+def _raw_topic(name: str, *, batched: bool = False) -> TopicT:
+    """Declare a topic of our own bytes.
+
+    ``batched``: an agent reading it gets the fetched records of a partition
+    as one list (:mod:`aggregator_app.transport`). ``internal`` makes the
+    worker create the topic with our partition count and config, instead of
+    relying on the broker's auto-creation and defaults.
+    """
+    if batched:
+        BATCHED_TOPICS.add(name)
     return app.topic(
         name,
         partitions=rules.partitions,
         key_serializer="raw",
-        value_serializer="raw",
+        value_serializer="records" if batched else "raw",
         internal=True,
         config=TOPIC_CONFIG,
     )
 
 
 def source_topic(name: str) -> TopicT:
-    """Return the topic of one detector source."""
-    return _raw_topic(name)
+    """Return the topic of one detector source, read in batches."""
+    return _raw_topic(name, batched=True)
 
 
 def partition_for_camera(camera_id: str) -> int:
@@ -64,14 +72,14 @@ def partition_for_camera(camera_id: str) -> int:
     return (murmur2(camera_id.encode()) & 0x7FFFFFFF) % rules.partitions
 
 
-def has_header(event: EventT, name: str) -> bool:
-    """Return whether the event's record carries a header called ``name``."""
-    headers = event.message.headers or ()
+def has_header(message: Message, name: str) -> bool:
+    """Return whether a record carries a header called ``name``."""
+    headers = message.headers or ()
     names = headers.keys() if isinstance(headers, Mapping) else (h[0] for h in headers)
     return name in names
 
 
-detector_events_topic = _raw_topic(f"{app.conf.id}-detector-events")
+detector_events_topic = _raw_topic(f"{app.conf.id}-detector-events", batched=True)
 aggregated_topic = _raw_topic(rules.aggregated_topic)
 dead_letter_topic = _raw_topic(rules.dead_letter_topic)
 

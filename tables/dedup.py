@@ -34,8 +34,12 @@ dedup_table = app.Table(
 class TableSpanStore:
     """A :class:`~aggregator_app.dedup.SpanStore` over the dedup table.
 
-    Must be used inside the dedup agent's iteration: faust writes a table
-    change to the changelog partition of the event being processed.
+    Must be used inside an agent's iteration over a batch of a partition
+    co-partitioned with the table: a change is written to that partition of
+    the table at once, and queued as a changelog record. The agent sends the
+    queued records with the rest of the batch's output
+    (:meth:`take_changelog`), instead of faust's one-record-at-a-time
+    changelog path; recovery reads them like any changelog record.
     """
 
     def __init__(self, table: Any = dedup_table) -> None:
@@ -43,6 +47,7 @@ class TableSpanStore:
         # name their window explicitly, so the underlying table is used.
         self.table = table.table
         self._half_window_s = rules.dedup.window_s / 2
+        self._changes: list[tuple[bytes, bytes | None]] = []
 
     def _key(self, window: WindowKey) -> tuple[str, tuple[float, float]]:
         key, start_ms = window
@@ -55,7 +60,17 @@ class TableSpanStore:
         return [Span.from_json(item) for item in stored]
 
     def put(self, window: WindowKey, spans: list[Span]) -> None:
-        self.table[self._key(window)] = [span.to_json() for span in spans]
+        store = self.table.data
+        key = store._encode_key(self._key(window))
+        value = store._encode_value([span.to_json() for span in spans])
+        store._set(key, value)
+        self._changes.append((key, value))
+
+    def delete(self, window: WindowKey) -> None:
+        store = self.table.data
+        key = store._encode_key(self._key(window))
+        store._del(key)
+        self._changes.append((key, None))
 
     def windows(self) -> Iterator[tuple[WindowKey, list[Span]]]:
         """Yield every window this worker holds, active and standby partitions."""
@@ -63,5 +78,20 @@ class TableSpanStore:
             spans = [Span.from_json(item) for item in stored]
             yield (key, round(start_s * 1000)), spans
 
-    def delete(self, window: WindowKey) -> None:
-        self.table.pop(self._key(window), None)
+    def take_changelog(self) -> list[tuple[bytes, bytes | None]]:
+        """Return the changelog records queued since the last call, in order."""
+        changes, self._changes = self._changes, []
+        return changes
+
+    @property
+    def changelog_topic(self) -> str:
+        """Return the name of the table's changelog topic."""
+        return str(self.table.changelog_topic.get_topic_name())
+
+    def on_changelog_sent(self, metadata: Any) -> None:
+        """Remember, in RocksDB, the changelog offset this worker's state includes.
+
+        A restart with the same data directory then reads the changelog from
+        there on only, as faust does for its own changelog writes.
+        """
+        self.table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
