@@ -13,8 +13,9 @@ camera meets this agent on one partition) a fetched batch at a time
 4. closes the spans that the partition's watermark has passed and publishes
    them as ``closed`` observations with what they absorbed, and forgets the
    windows that no event can reach any more;
-5. waits until the broker has every record the batch produced; only then is
-   the batch acknowledged, and its offsets committed.
+5. hands the batch's records over and goes on with the next batch; the
+   batch is acknowledged, and its offsets may be committed, once the broker
+   has every record it produced.
 
 A tick record (header :data:`~aggregator_app.topics.TICK_HEADER`) carries no
 event: it closes the spans of a partition that has gone quiet.
@@ -26,8 +27,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
+from faust import Stream
 from faust.types import Message, StreamT
 from pydantic import ValidationError
 
@@ -35,7 +37,7 @@ from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Decision, Deduplicator, Span
 from aggregator_app.metrics import counters
-from aggregator_app.outbox import Outbox
+from aggregator_app.outbox import InFlight, Outbox
 from aggregator_app.schema import AggregatedEvent, DetectorEvent
 from aggregator_app.topics import (
     TICK_HEADER,
@@ -45,7 +47,13 @@ from aggregator_app.topics import (
 )
 from tables.dedup import TableSpanStore
 
-__all__ = ["dedup_agent", "deduplicate_batch", "deduplicator"]
+__all__ = [
+    "dedup_agent",
+    "deduplicate_batch",
+    "deduplicator",
+    "in_flight",
+    "manual_acks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +73,30 @@ _horizons: dict[int, deque[tuple[float, int]]] = {}
 #: many commit intervals (``broker_commit_interval`` in the app).
 _FORGET_DELAY_S = 10.0
 _HORIZON_STEP_S = 0.5
+_IN_FLIGHT_BATCHES = 32
+
+
+def manual_acks(stream: StreamT) -> StreamT:
+    """Return the stream with acknowledgements left to the agent."""
+    return cast(Stream, stream).noack()
+
+
+async def _stop_worker(exc: BaseException) -> None:
+    await app.crash(exc)
+
+
+#: Batches of every agent whose records are on their way to the broker.
+in_flight = InFlight(limit=_IN_FLIGHT_BATCHES, on_failure=_stop_worker)
 
 
 @app.agent(detector_events_topic, name="dedup")
 async def dedup_agent(stream: StreamT) -> None:
-    """Deduplicate detector events and publish observations, a batch at a time."""
-    async for event in stream.events():
+    """Deduplicate detector events and publish observations, a batch at a time.
+
+    A batch is acknowledged once the broker has what it produced
+    (:class:`~aggregator_app.outbox.InFlight`), not when the loop moves on.
+    """
+    async for event in manual_acks(stream).events():
         messages: list[Message] = event.value
         partition = event.message.partition
         outbox = Outbox(app.producer)
@@ -78,7 +104,7 @@ async def dedup_agent(stream: StreamT) -> None:
         await deduplicate_batch(events, partition=partition, outbox=outbox)
         if ticked:
             await _close_due(partition, outbox, force=True)
-        await outbox.flush()
+        await in_flight.hand_over(outbox, event.ack)
 
 
 def _read_internal(messages: Sequence[Message]) -> tuple[list[Positioned], bool]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from faust.types import Message, StreamT
 
-from agents.dedup import Positioned, deduplicate_batch
+from agents.dedup import Positioned, deduplicate_batch, in_flight, manual_acks
 from aggregator_app.app import app, rules
 from aggregator_app.exceptions import RejectedEvent
 from aggregator_app.ingest import (
@@ -72,12 +72,12 @@ def _raw_record(message: Message) -> RawRecord:
 
 async def ingest_batch(
     messages: Sequence[Message], source: SourceConfig, partition: int
-) -> None:
+) -> Outbox:
     """Parse, validate and route one fetched batch of a source partition.
 
-    Everything the batch produces (dead letters, re-keyed events, observations,
-    table changes) is sent together, and the broker has all of it before the
-    batch is acknowledged.
+    Returns what the batch produced (dead letters, re-keyed events,
+    observations, table changes), handed to the producer; the batch may be
+    acknowledged once the broker has all of it.
     """
     outbox = Outbox(app.producer)
     now_ms = int(time.time() * 1000)
@@ -91,7 +91,7 @@ async def ingest_batch(
                 await _rekey(detector_event, outbox)
 
     await deduplicate_batch(local, partition=partition, outbox=outbox)
-    await outbox.flush()
+    return outbox
 
 
 async def _accept(
@@ -145,8 +145,9 @@ async def _dead_letter(record: RawRecord, error: RejectedEvent, outbox: Outbox) 
 
 def _make_agent(source: SourceConfig) -> AgentFun:
     async def ingest(stream: StreamT) -> None:
-        async for event in stream.events():
-            await ingest_batch(event.value, source, event.message.partition)
+        async for event in manual_acks(stream).events():
+            outbox = await ingest_batch(event.value, source, event.message.partition)
+            await in_flight.hand_over(outbox, event.ack)
 
     ingest.__name__ = f"ingest_{source.name}"
     ingest.__qualname__ = ingest.__name__

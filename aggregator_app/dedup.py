@@ -290,7 +290,8 @@ class Deduplicator:
         cache = self._cache.setdefault(partition, {})
         spans = cache.get(window)
         if spans is None:
-            spans = self.store.get(window) or []
+            stored = self.store.get(window) if self._read_through else None
+            spans = stored or []
             cache[window] = spans
             for span in spans:
                 if not span.closed:

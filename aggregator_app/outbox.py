@@ -2,22 +2,25 @@
 
 Faust's ``Topic.send`` awaits each record's way into the producer, one record at
 a time; at thousands of records per second that alone takes a core. An
-:class:`Outbox` hands every record of a batch to the producer at once and
-:meth:`Outbox.flush` waits for the broker to acknowledge all of them before
-the batch is acknowledged, so an offset is only committed once everything the
-batch produced is written (at least once). A failed send raises from
-:meth:`~Outbox.flush`: the agent stops rather than lose a record.
+:class:`Outbox` hands every record of a batch to the producer at once, and
+:class:`InFlight` acknowledges the batch only once the broker has all of them,
+so an offset is only committed once everything the batch produced is written
+(at least once). A failed send never acknowledges its batch: the worker stops
+rather than lose a record.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aggregator_app.exceptions import AggregatorError
 
-__all__ = ["Headers", "Outbox", "SendFailed"]
+__all__ = ["Headers", "InFlight", "Outbox", "SendFailed"]
+
+logger = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 OnSent = Callable[[Any], None]
@@ -81,3 +84,43 @@ class Outbox:
         for index, callback in on_sent:
             callback(results[index])
         return len(results)
+
+
+class InFlight:
+    """Batches whose records are on their way to the broker.
+
+    Waiting for the broker after every batch would leave the agent idle for a
+    round trip per batch. Instead, a processed batch is handed over here with
+    its outbox and its acknowledgement: the agent goes on with the next batch
+    at once, and the batch is acknowledged (its offsets may then be
+    committed) only once the broker has every record it produced. At most
+    ``limit`` batches are on their way; the agent waits for a free slot.
+
+    A failed send never acknowledges its batch: ``on_failure`` is awaited
+    (the app stops the worker), and the batch is read again by the next one.
+    """
+
+    def __init__(
+        self, limit: int, on_failure: Callable[[BaseException], Awaitable[None]]
+    ) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._on_failure = on_failure
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def hand_over(self, outbox: Outbox, ack: Callable[[], object]) -> None:
+        """Acknowledge with ``ack`` once every record of ``outbox`` is written."""
+        await self._slots.acquire()
+        task = asyncio.ensure_future(self._settle(outbox, ack))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, outbox: Outbox, ack: Callable[[], object]) -> None:
+        try:
+            await outbox.flush()
+        except SendFailed as exc:
+            logger.error("outbox: batch not acknowledged: error=%r", exc)
+            await self._on_failure(exc)
+            return
+        finally:
+            self._slots.release()
+        ack()
