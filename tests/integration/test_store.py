@@ -702,3 +702,62 @@ async def test_writer_service_runs_with_the_app(
 
     assert store.count_detector_events() == 10
     assert writer.backlog_rows == 0
+
+
+# Durability before a commit.
+
+
+def test_wait_durable_waits_only_for_rows_before_the_mark(
+    backend: str,
+    store_factory: StoreFactory,
+    writer_factory: Callable[..., StoreWriter],
+) -> None:
+    store = store_factory(backend)
+    # Rows would wait a minute for the interval: only the wait writes them.
+    writer = writer_factory(store, flush_interval_ms=60_000, max_buffer_rows=1000)
+    writer.start()
+    writer.submit_detector(rows_of(make_events(30, prefix="before")))
+    writer.submit_aggregated(aggregated_rows(make_events(5, prefix="before")))
+    mark = writer.submitted_mark()
+    writer.submit_detector(rows_of(make_events(20, prefix="after")))
+
+    started_s = time.monotonic()
+    assert writer.wait_durable(mark, timeout_s=10.0)
+
+    assert time.monotonic() - started_s < 5.0
+    assert writer.is_durable(mark)
+    assert store.count_detector_events() >= 30
+    assert store.count_aggregated_events() == 5
+    assert writer.rows_submitted == 55
+    assert writer.rows_durable >= 35
+
+
+def test_rows_before_the_mark_are_spooled_when_the_store_is_down(
+    backend: str,
+    store_factory: StoreFactory,
+    writer_factory: Callable[..., StoreWriter],
+    tmp_path: Path,
+) -> None:
+    store = store_factory(backend)
+    switch = SwitchableStore(_down_store())
+    writer = writer_factory(switch, max_buffer_rows=1000)
+    writer.start()
+    writer.submit_detector(rows_of(make_events(40, prefix="before")))
+    mark = writer.submitted_mark()
+
+    assert not writer.wait_durable(mark, timeout_s=0.3)
+    spooled = writer.spool_through(mark)
+    writer.submit_detector(rows_of(make_events(10, prefix="after")))
+
+    assert spooled == 40
+    assert writer.is_durable(mark)
+    assert not writer.is_durable(writer.submitted_mark())
+    assert writer.rows_durable == 40 and writer.backlog_rows == 50
+    spool_files = list((tmp_path / "spool").glob("detector_events*.jsonl"))
+    lines = sum(len(path.read_bytes().splitlines()) for path in spool_files)
+    assert lines == 40
+
+    switch.target = store
+    assert writer.flush(timeout_s=20.0)
+    assert store.count_detector_events() == 50
+    assert writer.rows_written == 50
