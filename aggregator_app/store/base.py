@@ -17,7 +17,7 @@ import enum
 import logging
 import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from aggregator_app.store.schema import (
 
 __all__ = [
     "DEFAULT_DATABASE",
+    "FILTER_COLUMNS",
     "DEFAULT_TTL_DAYS",
     "AggregatedEventRow",
     "ClickHouseStore",
@@ -486,6 +487,50 @@ class ClickHouseStore(EventStore):
         records = self._fetch(AGGREGATED_EVENTS, where, limit=limit)
         return [AggregatedEventRow.from_record(record) for record in records]
 
+    def count_rows(
+        self,
+        table: str,
+        *,
+        since_ms: int,
+        until_ms: int,
+        filters: Mapping[str, Sequence[str]] | None = None,
+    ) -> int:
+        """Return how many rows of ``table`` in ``[since_ms, until_ms)`` match.
+
+        ``filters`` maps a column (see :data:`FILTER_COLUMNS`) to the values
+        allowed; an empty or missing list does not filter.
+
+        Raises:
+            ValueError: an unknown table or a column that cannot filter it.
+        """
+        spec = _spec_of(table)
+        where = _where_in(spec, since_ms=since_ms, until_ms=until_ms, filters=filters)
+        return self._count(spec, where)
+
+    def fetch_rows(
+        self,
+        table: str,
+        *,
+        since_ms: int,
+        until_ms: int,
+        filters: Mapping[str, Sequence[str]] | None = None,
+        limit: int = DEFAULT_FETCH_LIMIT,
+    ) -> list[DetectorEventRow] | list[AggregatedEventRow]:
+        """Return rows of ``table`` in ``[since_ms, until_ms)`` that match ``filters``.
+
+        Rows come in ``(event_time_ms, <key>)`` order, as in
+        :meth:`fetch_detector_events`; page the same way.
+
+        Raises:
+            ValueError: an unknown table or a column that cannot filter it.
+        """
+        spec = _spec_of(table)
+        where = _where_in(spec, since_ms=since_ms, until_ms=until_ms, filters=filters)
+        records = self._fetch(spec, where, limit=limit)
+        if spec is DETECTOR_EVENTS:
+            return [DetectorEventRow.from_record(record) for record in records]
+        return [AggregatedEventRow.from_record(record) for record in records]
+
     def drop_partitions_older_than(
         self, days: int, *, now_ms: int | None = None
     ) -> int:
@@ -658,6 +703,43 @@ def _where(
         if value is not None:
             conditions.append(f"{column} = {sql_string(str(value))}")
 
+    return f" WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+#: Columns a replay or a query may filter on, per table.
+FILTER_COLUMNS: dict[str, frozenset[str]] = {
+    DETECTOR_EVENTS.name: frozenset(
+        {"camera_id", "site_id", "zone_id", "detector", "label", "outcome", "source"}
+    ),
+    AGGREGATED_EVENTS.name: frozenset(
+        {"camera_id", "site_id", "zone_id", "detector", "label", "type", "status"}
+    ),
+}
+
+
+def _spec_of(table: str) -> TableSpec:
+    for spec in (DETECTOR_EVENTS, AGGREGATED_EVENTS):
+        if spec.name == table:
+            return spec
+    raise ValueError(f"no such table: {table!r}")
+
+
+def _where_in(
+    spec: TableSpec,
+    *,
+    since_ms: int,
+    until_ms: int,
+    filters: Mapping[str, Sequence[str]] | None,
+) -> str:
+    """Return the WHERE clause of a time range and ``column IN (...)`` filters."""
+    where = _where(since_ms=since_ms, until_ms=until_ms, equal={})
+    conditions = [where.removeprefix(" WHERE ")] if where else []
+    for column, values in sorted((filters or {}).items()):
+        if column not in FILTER_COLUMNS[spec.name]:
+            raise ValueError(f"cannot filter {spec.name} by {column!r}")
+        if values:
+            listed = ", ".join(sql_string(str(value)) for value in values)
+            conditions.append(f"{column} IN ({listed})")
     return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
 

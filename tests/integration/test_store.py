@@ -42,6 +42,7 @@ from aggregator_app.store import (
     detector_event_row,
 )
 from aggregator_app.store.schema import supports_ttl
+from aggregator_app.store_replay import iter_rows
 
 pytestmark = pytest.mark.integration
 
@@ -761,3 +762,55 @@ def test_rows_before_the_mark_are_spooled_when_the_store_is_down(
     assert writer.flush(timeout_s=20.0)
     assert store.count_detector_events() == 50
     assert writer.rows_written == 50
+
+
+# Reading a range back for a replay.
+
+
+def test_replay_pages_lose_and_repeat_no_row_inside_one_millisecond(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    store = store_factory(backend)
+    # 60 events on 3 cameras, 20 of them in one millisecond: page edges fall inside.
+    events = make_events(40, step_ms=1000) + make_events(
+        20, start_ms=NOW_MS - 1_800_000, step_ms=0, prefix="same-ms"
+    )
+    store.insert_detector_events(rows_of(events))
+    since_ms, until_ms = NOW_MS - 2 * 3_600_000, NOW_MS
+
+    pages = list(
+        iter_rows(
+            store,
+            "detector_events",
+            since_ms=since_ms,
+            until_ms=until_ms,
+            filters={},
+            page_rows=7,
+        )
+    )
+    camera_pages = list(
+        iter_rows(
+            store,
+            "detector_events",
+            since_ms=since_ms,
+            until_ms=until_ms,
+            filters={"camera_id": ["cam-1", "cam-2"], "outcome": ["kept"]},
+            page_rows=5,
+        )
+    )
+
+    ids = [row.event_id for page in pages for row in page]
+    assert sorted(ids) == sorted(event.event_id for event in events)
+    times = [row.event_time_ms for page in pages for row in page]
+    assert times == sorted(times)
+    wanted = [e.event_id for e in events if e.camera_id in ("cam-1", "cam-2")]
+    assert sorted(row.event_id for page in camera_pages for row in page) == sorted(
+        wanted
+    )
+    assert store.count_rows(
+        "detector_events", since_ms=since_ms, until_ms=until_ms, filters={}
+    ) == len(events)
+    with pytest.raises(ValueError, match="cannot filter"):
+        store.count_rows(
+            "detector_events", since_ms=0, until_ms=1, filters={"payload": ["x"]}
+        )
