@@ -5,6 +5,7 @@ Every error the service raises on purpose derives from :class:`AggregatorError`:
     AggregatorError
     ├── ConfigError             the rules file or a setting is invalid (at load time)
     ├── RejectedEvent           one input message cannot become an event (dead-lettered)
+    ├── InvalidQuery            a web request's parameters cannot be used (HTTP 400)
     └── StoreError              the event store failed (``retriable``: try again?)
         └── StoreUnavailable    the store cannot be reached right now
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "AggregatorError",
     "ConfigError",
+    "InvalidQuery",
     "RejectedEvent",
     "StoreError",
     "StoreUnavailable",
@@ -44,6 +46,15 @@ class RejectedEvent(AggregatorError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class InvalidQuery(AggregatorError):
+    """A request to a web view whose parameters cannot be used.
+
+    ``status`` is the HTTP status to answer with; the message says what is wrong.
+    """
+
+    status = 400
 
 
 class StoreError(AggregatorError):

@@ -1,12 +1,39 @@
-"""Counters of one worker, kept in memory and logged and served over the web port."""
+"""Counters of one worker, kept in memory and logged and served over the web port.
+
+Besides the counters: latency histograms by stage (:data:`latency`), filled by
+:class:`StageSensor` (a faust sensor, so the agents need no timing code) and by
+the store writer, and the text format Prometheus scrapes
+(:func:`prometheus_text`). The format is written here rather than with
+``prometheus_client``: a worker serves one small page of counters, gauges and
+histograms that already live in these objects, and a second registry would
+have to be kept in step with them.
+"""
 
 from __future__ import annotations
 
+import bisect
 import logging
+import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["WorkerCounters", "counters", "prometheus_text"]
+from faust import Sensor
+from faust.streams import current_event
+from faust.types import TP, EventT, StreamT
+
+__all__ = [
+    "LATENCY_BUCKETS_S",
+    "Histogram",
+    "LabelledGauge",
+    "StageLatency",
+    "StageSensor",
+    "WorkerCounters",
+    "counters",
+    "latency",
+    "prometheus_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +108,183 @@ _COUNTER_HELP = {
 }
 
 
-def prometheus_text(data: WorkerCounters, gauges: dict[str, float]) -> str:
-    """Return the counters and ``gauges`` in Prometheus' text format.
+#: Upper bounds of the latency buckets, seconds (``+Inf`` is added).
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Histogram:
+    """Observations counted in cumulative buckets, with their sum and count.
+
+    Not locked: observe it from one thread (the event loop, or the store
+    writer's thread for its own stage); a scrape may see a count one behind.
+    """
+
+    def __init__(self, buckets_s: Iterable[float] = LATENCY_BUCKETS_S) -> None:
+        self.bounds_s = tuple(sorted(buckets_s))
+        self.bucket_counts = [0] * (len(self.bounds_s) + 1)
+        self.sum_s = 0.0
+        self.count = 0
+
+    def observe(self, value_s: float) -> None:
+        """Count one observation of ``value_s`` seconds."""
+        self.bucket_counts[bisect.bisect_left(self.bounds_s, value_s)] += 1
+        self.sum_s += value_s
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Return ``(le, count)`` pairs as Prometheus lists them, ``+Inf`` last."""
+        pairs: list[tuple[str, int]] = []
+        running = 0
+        for bound_s, count in zip(self.bounds_s, self.bucket_counts, strict=False):
+            running += count
+            pairs.append((repr(bound_s), running))
+        pairs.append(("+Inf", self.count))
+        return pairs
+
+
+class StageLatency:
+    """One histogram per stage of the pipeline, made on first use.
+
+    Stages: ``ingest`` and ``dedup`` (one record through its agent),
+    ``ingest_to_publish`` (a detector record taken by the ingest agent until
+    its observation is handed to the producer, when it is deduplicated in the
+    same agent), ``dedup_to_publish`` (the same from a ``detector-events``
+    record), ``store_write`` (one INSERT batch) and ``commit_wait`` (how long
+    an offset commit waited for the store).
+    """
+
+    def __init__(self) -> None:
+        self.stages: dict[str, Histogram] = {}
+
+    def observe(self, stage: str, value_s: float) -> None:
+        """Count one observation of ``value_s`` seconds in ``stage``."""
+        histogram = self.stages.get(stage)
+        if histogram is None:
+            histogram = self.stages[stage] = Histogram()
+        histogram.observe(value_s)
+
+
+latency = StageLatency()
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledGauge:
+    """A gauge with one value per label set, e.g. lag per topic and partition."""
+
+    name: str
+    help: str
+    values: Mapping[tuple[tuple[str, str], ...], float]
+
+
+class StageSensor(Sensor):
+    """Times records through the agents, and to the publish of an observation.
+
+    ``stage_of_topic`` names the stage of a source topic (``ingest``,
+    ``dedup``); records of other topics are not timed. ``publish_topic`` is the
+    topic of observations: a send to it, inside an agent's iteration, is timed
+    from when that agent took its record.
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_of_topic: Mapping[str, str],
+        publish_topic: str,
+        latency: StageLatency = latency,
+    ) -> None:
+        super().__init__()
+        self.stage_of_topic = dict(stage_of_topic)
+        self.publish_topic = publish_topic
+        self.latency = latency
+        # When the agent took each record in hand, by id of its event.
+        self._in_s: dict[int, float] = {}
+
+    def on_stream_event_in(
+        self, tp: TP, offset: int, stream: StreamT, event: EventT
+    ) -> dict[str, Any] | None:
+        """Note when the agent took the record."""
+        if tp.topic not in self.stage_of_topic:
+            return None
+        started_s = time.perf_counter()
+        self._in_s[id(event)] = started_s
+        return {"stage": self.stage_of_topic[tp.topic], "in_s": started_s}
+
+    def on_stream_event_out(
+        self,
+        tp: TP,
+        offset: int,
+        stream: StreamT,
+        event: EventT,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        """Count the time the agent spent on the record."""
+        if state is not None:
+            self._in_s.pop(id(event), None)
+            self.latency.observe(state["stage"], time.perf_counter() - state["in_s"])
+
+    def on_send_initiated(
+        self,
+        producer: Any,
+        topic: str,
+        message: Any,
+        keysize: int,
+        valsize: int,
+    ) -> None:
+        """Count the time from the record in hand to its observation's send."""
+        if topic != self.publish_topic:
+            return None
+        event = current_event()
+        if event is None:
+            return None
+        started_s = self._in_s.get(id(event))
+        stage = self.stage_of_topic.get(event.message.topic)
+        if started_s is None or stage is None:
+            return None
+        self.latency.observe(f"{stage}_to_publish", time.perf_counter() - started_s)
+        return None
+
+
+def prometheus_text(
+    data: WorkerCounters,
+    gauges: dict[str, float],
+    *,
+    totals: Mapping[str, tuple[str, float]] | None = None,
+    labelled: Iterable[LabelledGauge] = (),
+    histograms: StageLatency | None = None,
+) -> str:
+    """Return the counters, ``gauges`` and the rest in Prometheus' text format.
 
     Counter names get the prefix ``aggregator_`` and the suffix ``_total``;
-    rejects are one counter with a ``reason`` label.
+    rejects are one counter with a ``reason`` label. ``totals`` are further
+    counters (name to help and value); ``histograms`` become
+    ``aggregator_stage_latency_seconds`` with a ``stage`` label.
     """
     lines: list[str] = []
     for name, help_text in _COUNTER_HELP.items():
-        metric = f"aggregator_{name}_total"
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
-        lines.append(f"{metric} {getattr(data, name)}")
+        _counter(lines, name, help_text, getattr(data, name))
+    _counter(
+        lines,
+        "duplicates_removed",
+        "Events absorbed as repeats or redeliveries.",
+        data.repeats + data.redeliveries,
+    )
+    for name, (help_text, value) in (totals or {}).items():
+        _counter(lines, name, help_text, value)
 
     metric = "aggregator_rejected_by_reason_total"
     lines += [
@@ -103,4 +296,44 @@ def prometheus_text(data: WorkerCounters, gauges: dict[str, float]) -> str:
 
     for name, value in gauges.items():
         lines += [f"# TYPE aggregator_{name} gauge", f"aggregator_{name} {value}"]
+    for gauge in labelled:
+        _labelled_gauge(lines, gauge)
+    if histograms is not None:
+        _histograms(lines, histograms)
     return "\n".join(lines) + "\n"
+
+
+def _counter(lines: list[str], name: str, help_text: str, value: float) -> None:
+    metric = f"aggregator_{name}_total"
+    lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+    lines.append(f"{metric} {value}")
+
+
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    text = ",".join(f'{name}="{_escaped(value)}"' for name, value in pairs)
+    return f"{{{text}}}" if text else ""
+
+
+def _escaped(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labelled_gauge(lines: list[str], gauge: LabelledGauge) -> None:
+    metric = f"aggregator_{gauge.name}"
+    lines += [f"# HELP {metric} {gauge.help}", f"# TYPE {metric} gauge"]
+    for labels, value in sorted(gauge.values.items()):
+        lines.append(f"{metric}{_labels(labels)} {value}")
+
+
+def _histograms(lines: list[str], latency: StageLatency) -> None:
+    metric = "aggregator_stage_latency_seconds"
+    lines += [
+        f"# HELP {metric} Time spent per stage of the pipeline.",
+        f"# TYPE {metric} histogram",
+    ]
+    for stage, histogram in sorted(latency.stages.items()):
+        for le, count in histogram.cumulative():
+            labels = _labels((("stage", stage), ("le", le)))
+            lines.append(f"{metric}_bucket{labels} {count}")
+        lines.append(f'{metric}_sum{{stage="{stage}"}} {histogram.sum_s}')
+        lines.append(f'{metric}_count{{stage="{stage}"}} {histogram.count}')

@@ -12,6 +12,15 @@
 - ``AGGREGATOR_WEB_PORT``: the Faust web port (``8014``).
 - ``AGGREGATOR_GUARANTEE``: ``at_least_once`` (default) or ``exactly_once``
   (Kafka transactions).
+- ``AGGREGATOR_STORE_FLUSH_MS``: longest a row waits in the store writer's
+  buffer (``250``).
+- ``AGGREGATOR_STORE_COMMIT_WAIT_MS``: how long an offset commit waits for the
+  rows of the committed events to be stored before it spools them (``2000``).
+- ``AGGREGATOR_RETENTION_DAYS``: days the store keeps a row (``30``).
+- ``AGGREGATOR_RETENTION_INTERVAL_S``: how often a worker drops expired
+  partitions (``3600``).
+- ``AGGREGATOR_READY_MAX_LAG``: most records behind the partitions' ends for
+  ``/health`` to say ready (``100000``).
 """
 
 from __future__ import annotations
@@ -40,6 +49,11 @@ class Settings:
     topic_prefix: str
     web_port: int
     guarantee: str
+    store_flush_ms: int = 250
+    store_commit_wait_ms: int = 2000
+    retention_days: int = 30
+    retention_interval_s: int = 3600
+    ready_max_lag: int = 100_000
 
     @property
     def broker_url(self) -> str:
@@ -77,6 +91,11 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topic_prefix=env.get("AGGREGATOR_TOPIC_PREFIX", ""),
         web_port=_int(env, "AGGREGATOR_WEB_PORT", 8014),
         guarantee=guarantee,
+        store_flush_ms=_int(env, "AGGREGATOR_STORE_FLUSH_MS", 250),
+        store_commit_wait_ms=_int(env, "AGGREGATOR_STORE_COMMIT_WAIT_MS", 2000),
+        retention_days=_int(env, "AGGREGATOR_RETENTION_DAYS", 30),
+        retention_interval_s=_int(env, "AGGREGATOR_RETENTION_INTERVAL_S", 3600),
+        ready_max_lag=_int(env, "AGGREGATOR_READY_MAX_LAG", 100_000),
     )
 
 

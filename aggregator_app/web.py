@@ -1,21 +1,29 @@
-"""Views on the Faust web port: what this worker counted, and its dedup state.
+"""Views on the Faust web port: counters, table state, health and metrics.
 
 ``GET /aggregator/counts/``
     This worker's counters (received, accepted, rejected by reason, kept,
     repeats, redeliveries, published) and the store writer's backlog.
 ``GET /aggregator/summary/``
     The counters plus the rows in the event store, for the demo job.
+``GET /aggregator/tables/``
+    The tables that can be queried, with their parameters.
+``GET /aggregator/tables/<name>/?<params>``
+    The state of a table for a key, from the worker that owns the key: any
+    worker answers (see :mod:`aggregator_app.table_queries`). ``dedup`` takes
+    ``key`` (a dedup key, ``<camera>|<detector>|...``), ``time_ms`` (an event
+    time) and optionally ``camera_id`` (default: the key up to its first
+    ``|``), and returns the spans of that key in the windows around the time.
 ``GET /aggregator/dedup/?key=<dedup key>&time_ms=<event time>``
-    The spans this worker holds for a dedup key around an event time.
+    The same as ``/aggregator/tables/dedup/``, under its first address.
 ``GET /aggregator/metrics/``
-    The counters and gauges in Prometheus' text format.
-``GET /aggregator/health/``
-    200 when this worker holds partitions and its store writes, else 503,
-    with the reasons in JSON.
-
-TODO: route table queries to the worker that owns the key (faust's
-``table_route``) so any worker answers for any key; until then a query
-answers from the local worker only and says so in ``"scope"``.
+    Counters, gauges (store backlog, consumer lag per partition) and latency
+    histograms per stage, in Prometheus' text format.
+``GET /aggregator/health/`` (also ``/aggregator/health/ready/``)
+    200 when this worker holds partitions, reaches Kafka, its store writes
+    and its consumer lag is under ``AGGREGATOR_READY_MAX_LAG``; else 503.
+    Body: ``{"status": "ok" | "degraded", "problems": [...]}``.
+``GET /aggregator/health/live/``
+    200 while the worker runs and has not crashed, else 503.
 """
 
 from __future__ import annotations
@@ -26,12 +34,64 @@ from typing import Any
 from faust.web import Request, Response, View
 
 from aggregator_app import sink
-from aggregator_app.app import app
-from aggregator_app.metrics import counters, prometheus_text
+from aggregator_app.app import app, rules, settings
+from aggregator_app.exceptions import InvalidQuery
+from aggregator_app.health import consumer_lag, readiness
+from aggregator_app.metrics import (
+    LabelledGauge,
+    StageSensor,
+    counters,
+    latency,
+    prometheus_text,
+)
+from aggregator_app.table_queries import (
+    Params,
+    TableQuery,
+    route,
+    table_queries,
+)
+from aggregator_app.topics import (
+    aggregated_topic,
+    detector_events_topic,
+    partition_for_camera,
+)
+from tables.dedup import TableSpanStore, dedup_table
 
-__all__ = ["CountsView", "DedupView", "HealthView", "MetricsView", "SummaryView"]
+__all__ = [
+    "CountsView",
+    "DedupView",
+    "HealthView",
+    "LiveView",
+    "MetricsView",
+    "ReadyView",
+    "SummaryView",
+    "TableIndexView",
+    "TableView",
+]
 
 blueprint_prefix = "/aggregator"
+
+_MAX_KEY_CHARS = 1024
+_WRITER_TOTALS = {
+    "rows_submitted": "Rows handed to the store writer.",
+    "rows_durable": "Rows stored or spooled to disk.",
+    "rows_written": "Rows the store inserted.",
+    "rows_spooled": "Rows spooled to disk (buffer full, store down, commit wait).",
+    "rows_failed": "Rows the store refused, kept for an operator.",
+}
+
+app.sensors.add(
+    StageSensor(
+        stage_of_topic={
+            **{source.topic: "ingest" for source in rules.sources},
+            detector_events_topic.get_topic_name(): "dedup",
+        },
+        publish_topic=aggregated_topic.get_topic_name(),
+    )
+)
+
+
+# Counters.
 
 
 @app.page(f"{blueprint_prefix}/counts/")
@@ -51,58 +111,169 @@ class SummaryView(View):
         return self.json({"counts": _counts(), "stored": stored})
 
 
-@app.page(f"{blueprint_prefix}/dedup/")
-class DedupView(View):
-    """The spans kept for one dedup key around an event time."""
-
-    async def get(self, request: Request) -> Response:
-        from agents.dedup import deduplicator
-
-        key = request.query.get("key", "")
-        time_text = request.query.get("time_ms", "")
-        if not key or len(key) > 1024 or not time_text.isdigit():
-            return self.error(400, "give key (1..1024 chars) and time_ms (digits)")
-
-        time_ms = int(time_text)
-        spans = deduplicator.spans_near(key, time_ms)
-        return self.json(
-            {"scope": "local", "key": key, "spans": [span.to_json() for span in spans]}
-        )
-
-
-@app.page(f"{blueprint_prefix}/metrics/")
-class MetricsView(View):
-    """Counters and gauges for Prometheus."""
-
-    async def get(self, request: Request) -> Response:
-        gauges = {
-            "store_backlog_rows": float(sink.backlog_rows()),
-            "assigned_partitions": float(len(app.assignor.assigned_actives())),
-        }
-        return self.text(
-            prometheus_text(counters, gauges),
-            content_type="text/plain; version=0.0.4",
-        )
-
-
-@app.page(f"{blueprint_prefix}/health/")
-class HealthView(View):
-    """Whether this worker is doing its work."""
-
-    async def get(self, request: Request) -> Response:
-        problems = []
-        if not app.assignor.assigned_actives():
-            problems.append("no partitions assigned")
-        store_error = sink.last_error()
-        if store_error is not None:
-            problems.append(f"store: {store_error}")
-        status = 503 if problems else 200
-        body = {"status": "ok" if not problems else "degraded", "problems": problems}
-        return self.json(body, status=status)
-
-
 def _counts() -> dict[str, Any]:
     data = counters.as_dict()
     data["store_backlog_rows"] = sink.backlog_rows()
     data["assigned_partitions"] = len(app.assignor.assigned_actives())
     return data
+
+
+# Table state.
+
+
+def _dedup_partition(params: Params) -> int:
+    key = params.get("key", "")
+    if not 0 < len(key) <= _MAX_KEY_CHARS:
+        raise InvalidQuery(f"key must be 1..{_MAX_KEY_CHARS} characters")
+    camera_id = params.get("camera_id") or key.split("|", 1)[0]
+    return partition_for_camera(camera_id)
+
+
+def _dedup_answer(params: Params) -> dict[str, Any]:
+    """Return the spans of a dedup key in the windows around an event time."""
+    key = params["key"]
+    time_text = params.get("time_ms", "")
+    if not time_text.isdigit() or len(time_text) > 15:
+        raise InvalidQuery("time_ms must be epoch milliseconds (digits)")
+    time_ms = int(time_text)
+
+    window_ms = int(rules.dedup.window_s * 1000)
+    first_ms = time_ms - time_ms % window_ms - window_ms
+    spans_store = TableSpanStore(dedup_table)
+    windows = []
+    for start_ms in (first_ms, first_ms + window_ms, first_ms + 2 * window_ms):
+        spans = spans_store.get((key, start_ms)) or []
+        windows.append(
+            {"start_ms": start_ms, "spans": [span.to_json() for span in spans]}
+        )
+    return {"key": key, "time_ms": time_ms, "windows": windows}
+
+
+table_queries.register(
+    TableQuery(
+        name="dedup",
+        table=dedup_table.table,
+        params=("key", "time_ms", "camera_id"),
+        partition=_dedup_partition,
+        answer=_dedup_answer,
+        help="Dedup spans of a key in the windows around an event time.",
+    )
+)
+
+
+async def _table_response(view: View, request: Request, name: str) -> Response:
+    query = table_queries.get(name)
+    if query is None:
+        return view.error(404, f"no such table: {name}")
+    params = {key: value for key, value in request.query.items()}
+    answer = await route(
+        app,
+        query,
+        params,
+        path_qs=str(request.rel_url),
+        headers=dict(request.headers),
+    )
+    return view.json(answer.body, status=answer.status)
+
+
+@app.page(f"{blueprint_prefix}/tables/")
+class TableIndexView(View):
+    """The tables that can be queried."""
+
+    async def get(self, request: Request) -> Response:
+        return self.json(
+            {
+                query.name: {"params": list(query.params), "help": query.help}
+                for query in table_queries
+            }
+        )
+
+
+@app.page(f"{blueprint_prefix}/tables/{{name}}/")
+class TableView(View):
+    """The state of one table for a key, from the worker that owns it."""
+
+    async def get(self, request: Request, name: str) -> Response:
+        return await _table_response(self, request, name)
+
+
+@app.page(f"{blueprint_prefix}/dedup/")
+class DedupView(View):
+    """The dedup table's spans for a key (``/aggregator/tables/dedup/``)."""
+
+    async def get(self, request: Request) -> Response:
+        return await _table_response(self, request, "dedup")
+
+
+# Metrics and health.
+
+
+@app.page(f"{blueprint_prefix}/metrics/")
+class MetricsView(View):
+    """Counters, gauges and histograms for Prometheus."""
+
+    async def get(self, request: Request) -> Response:
+        lag = await consumer_lag(app)
+        gauges = {
+            "store_backlog_rows": float(sink.backlog_rows()),
+            "assigned_partitions": float(len(app.assignor.assigned_actives())),
+            "consumer_lag_records": float(sum(lag.values())),
+        }
+        stats = sink.writer_stats()
+        totals = {
+            f"store_{name}": (help_text, float(stats[name]))
+            for name, help_text in _WRITER_TOTALS.items()
+        }
+        per_partition = LabelledGauge(
+            name="consumer_lag_by_partition",
+            help="Records not committed yet, per partition consumed.",
+            values={
+                (("topic", tp.topic), ("partition", str(tp.partition))): float(n)
+                for tp, n in lag.items()
+            },
+        )
+        text = prometheus_text(
+            counters,
+            gauges,
+            totals=totals,
+            labelled=[per_partition],
+            histograms=latency,
+        )
+        return self.text(text, content_type="text/plain; version=0.0.4")
+
+
+async def _ready_response(view: View) -> Response:
+    state = await readiness(
+        app, store_error=sink.last_error(), max_lag=settings.ready_max_lag
+    )
+    body = {
+        "status": "ok" if state.ready else "degraded",
+        "problems": list(state.problems),
+    }
+    return view.json(body, status=200 if state.ready else 503)
+
+
+@app.page(f"{blueprint_prefix}/health/")
+class HealthView(View):
+    """Whether this worker is doing its work (readiness)."""
+
+    async def get(self, request: Request) -> Response:
+        return await _ready_response(self)
+
+
+@app.page(f"{blueprint_prefix}/health/ready/")
+class ReadyView(View):
+    """Readiness, under the name probes expect."""
+
+    async def get(self, request: Request) -> Response:
+        return await _ready_response(self)
+
+
+@app.page(f"{blueprint_prefix}/health/live/")
+class LiveView(View):
+    """Liveness: the worker runs, its event loop answers, it has not crashed."""
+
+    async def get(self, request: Request) -> Response:
+        if app.crashed or app.should_stop:
+            return self.json({"status": "down"}, status=503)
+        return self.json({"status": "live"})

@@ -17,7 +17,7 @@ import enum
 import logging
 import operator
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +36,7 @@ from aggregator_app.store.schema import (
 
 __all__ = [
     "DEFAULT_DATABASE",
+    "FILTER_COLUMNS",
     "DEFAULT_TTL_DAYS",
     "AggregatedEventRow",
     "ClickHouseStore",
@@ -338,8 +339,13 @@ class EventStore(abc.ABC):
         """Return aggregated event rows starting in ``[since_ms, until_ms)``."""
 
     @abc.abstractmethod
-    def drop_partitions_older_than(self, days: int) -> int:
-        """Drop every day older than ``days`` days; return how many partitions."""
+    def drop_partitions_older_than(
+        self, days: int, *, now_ms: int | None = None
+    ) -> int:
+        """Drop every day whose rows were all stored over ``days`` days ago.
+
+        Returns how many partitions were dropped; ``now_ms`` defaults to now.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -481,16 +487,67 @@ class ClickHouseStore(EventStore):
         records = self._fetch(AGGREGATED_EVENTS, where, limit=limit)
         return [AggregatedEventRow.from_record(record) for record in records]
 
-    def drop_partitions_older_than(self, days: int) -> int:
-        """Drop every daily partition that ended more than ``days`` days ago.
+    def count_rows(
+        self,
+        table: str,
+        *,
+        since_ms: int,
+        until_ms: int,
+        filters: Mapping[str, Sequence[str]] | None = None,
+    ) -> int:
+        """Return how many rows of ``table`` in ``[since_ms, until_ms)`` match.
 
-        This is the retention of servers without TTL; it is harmless where TTL
-        runs too. Returns how many partitions were dropped over both tables.
+        ``filters`` maps a column (see :data:`FILTER_COLUMNS`) to the values
+        allowed; an empty or missing list does not filter.
+
+        Raises:
+            ValueError: an unknown table or a column that cannot filter it.
         """
-        cutoff_day = _utc_day_number(time.time_ns() // 1_000_000 - days * _DAY_MS)
+        spec = _spec_of(table)
+        where = _where_in(spec, since_ms=since_ms, until_ms=until_ms, filters=filters)
+        return self._count(spec, where)
+
+    def fetch_rows(
+        self,
+        table: str,
+        *,
+        since_ms: int,
+        until_ms: int,
+        filters: Mapping[str, Sequence[str]] | None = None,
+        limit: int = DEFAULT_FETCH_LIMIT,
+    ) -> list[DetectorEventRow] | list[AggregatedEventRow]:
+        """Return rows of ``table`` in ``[since_ms, until_ms)`` that match ``filters``.
+
+        Rows come in ``(event_time_ms, <key>)`` order, as in
+        :meth:`fetch_detector_events`; page the same way.
+
+        Raises:
+            ValueError: an unknown table or a column that cannot filter it.
+        """
+        spec = _spec_of(table)
+        where = _where_in(spec, since_ms=since_ms, until_ms=until_ms, filters=filters)
+        records = self._fetch(spec, where, limit=limit)
+        if spec is DETECTOR_EVENTS:
+            return [DetectorEventRow.from_record(record) for record in records]
+        return [AggregatedEventRow.from_record(record) for record in records]
+
+    def drop_partitions_older_than(
+        self, days: int, *, now_ms: int | None = None
+    ) -> int:
+        """Drop every daily partition whose rows were all stored ``days`` ago.
+
+        This is the retention of servers without TTL, and it counts from when a
+        row was stored (``inserted_at``), as the TTL does: a recording replayed
+        today is kept as long as live data. Where TTL runs too it is harmless,
+        and frees a whole expired day at once instead of at the next merge.
+        Several workers may run it at the same time. Returns how many
+        partitions were dropped over both tables.
+        """
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        cutoff_s = (now_ms - days * _DAY_MS) // 1000
         dropped = 0
         for spec in (DETECTOR_EVENTS, AGGREGATED_EVENTS):
-            dropped += self._drop_days_before(spec, cutoff_day)
+            dropped += self._drop_stored_before(spec, cutoff_s)
         return dropped
 
     def _table(self, spec: TableSpec) -> str:
@@ -589,27 +646,42 @@ class ClickHouseStore(EventStore):
             f"ORDER BY {order} LIMIT {int(limit)}"
         )
 
-    def _drop_days_before(self, spec: TableSpec, cutoff_day: int) -> int:
-        partitions = self._select(
-            "SELECT DISTINCT partition_id FROM system.parts "
-            f"WHERE active AND database = {sql_string(self.database)} "
-            f"AND table = {sql_string(spec.name)}"
-        )
-        old = sorted(str(row[0]) for row in partitions if int(row[0]) < cutoff_day)
+    def _drop_stored_before(self, spec: TableSpec, cutoff_s: int) -> int:
+        """Drop the days of ``spec`` whose rows were all stored before ``cutoff_s``.
 
-        for partition_id in old:
+        1. Look only at days that end before the cutoff's UTC day: a later day
+           holds events that happened after the cutoff, so it was written to
+           after it (or within the clock skew the ingest allows; such a day
+           goes the next day). Whole days, so that every row of a day counts.
+        2. Find the newest ``inserted_at`` of each of those days.
+        3. Drop the days stored entirely before the cutoff, one at a time; a
+           day another worker dropped first is not an error.
+        """
+        # Step 1.
+        first_kept_day_s = cutoff_s - cutoff_s % (_DAY_MS // 1000)
+
+        # Step 2.
+        newest = self._select(
+            f"SELECT toYYYYMMDD(event_time) AS day, toUInt32(max(inserted_at)) "
+            f"FROM {self._table(spec)} "
+            f"WHERE event_time < toDateTime({first_kept_day_s}) GROUP BY day"
+        )
+        expired = sorted(str(day) for day, stored_s in newest if stored_s < cutoff_s)
+
+        # Step 3.
+        for partition_id in expired:
             self._execute(
                 f"ALTER TABLE {self._table(spec)} "
                 f"DROP PARTITION ID {sql_string(partition_id)}"
             )
-        if old:
+        if expired:
             logger.info(
-                "dropped old partitions: table=%s before_day=%d partitions=%s",
+                "dropped expired partitions: table=%s stored_before=%d partitions=%s",
                 spec.name,
-                cutoff_day,
-                ",".join(old),
+                cutoff_s,
+                ",".join(expired),
             )
-        return len(old)
+        return len(expired)
 
 
 def _where(
@@ -631,6 +703,43 @@ def _where(
         if value is not None:
             conditions.append(f"{column} = {sql_string(str(value))}")
 
+    return f" WHERE {' AND '.join(conditions)}" if conditions else ""
+
+
+#: Columns a replay or a query may filter on, per table.
+FILTER_COLUMNS: dict[str, frozenset[str]] = {
+    DETECTOR_EVENTS.name: frozenset(
+        {"camera_id", "site_id", "zone_id", "detector", "label", "outcome", "source"}
+    ),
+    AGGREGATED_EVENTS.name: frozenset(
+        {"camera_id", "site_id", "zone_id", "detector", "label", "type", "status"}
+    ),
+}
+
+
+def _spec_of(table: str) -> TableSpec:
+    for spec in (DETECTOR_EVENTS, AGGREGATED_EVENTS):
+        if spec.name == table:
+            return spec
+    raise ValueError(f"no such table: {table!r}")
+
+
+def _where_in(
+    spec: TableSpec,
+    *,
+    since_ms: int,
+    until_ms: int,
+    filters: Mapping[str, Sequence[str]] | None,
+) -> str:
+    """Return the WHERE clause of a time range and ``column IN (...)`` filters."""
+    where = _where(since_ms=since_ms, until_ms=until_ms, equal={})
+    conditions = [where.removeprefix(" WHERE ")] if where else []
+    for column, values in sorted((filters or {}).items()):
+        if column not in FILTER_COLUMNS[spec.name]:
+            raise ValueError(f"cannot filter {spec.name} by {column!r}")
+        if values:
+            listed = ", ".join(sql_string(str(value)) for value in values)
+            conditions.append(f"{column} IN ({listed})")
     return f" WHERE {' AND '.join(conditions)}" if conditions else ""
 
 
@@ -666,8 +775,3 @@ def _by_utc_day(rows: Sequence[_Row]) -> Iterator[list[_Row]]:
 def _chunks(rows: Sequence[_Row], size: int) -> Iterator[Sequence[_Row]]:
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
-
-
-def _utc_day_number(timestamp_ms: int) -> int:
-    """Return the UTC day of ``timestamp_ms`` as ``YYYYMMDD`` (a partition id)."""
-    return int(time.strftime("%Y%m%d", time.gmtime(timestamp_ms // 1000)))

@@ -27,6 +27,17 @@ Where rows go when they cannot be written now:
 Writing back is safe to repeat because the store's inserts are idempotent: a
 batch written twice (crash after the INSERT, before the spool was trimmed) is
 stored once.
+
+Durability before a Kafka commit: every row gets a sequence number in its
+table's lane when it is submitted. ``submitted_mark()`` names every row
+submitted so far; ``is_durable(mark)`` says whether all of them are stored or
+on disk (spooled, or kept as failed), ``wait_durable(mark, timeout_s)`` waits
+for that (writing at once, not at the next interval), and
+``spool_through(mark)`` puts the ones still in memory on disk. A worker calls
+these before it commits offsets (:mod:`aggregator_app.sink`), so that a row of
+a committed event survives SIGKILL. Rows submitted after the mark are not
+waited for. The spool is written without ``fsync``: a killed process loses
+nothing, a machine that loses power may lose the last appends.
 """
 
 from __future__ import annotations
@@ -47,13 +58,16 @@ from mode import Service
 from aggregator_app.exceptions import StoreError, StoreUnavailable
 from aggregator_app.store.base import AggregatedEventRow, DetectorEventRow, EventStore
 
-__all__ = ["DEFAULT_SPOOL_DIR", "StoreWriter", "StoreWriterService"]
+__all__ = ["DEFAULT_SPOOL_DIR", "DurableMark", "StoreWriter", "StoreWriterService"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPOOL_DIR = Path(".var/spool")
 
 _Row = TypeVar("_Row", DetectorEventRow, AggregatedEventRow)
+
+#: The last sequence number submitted in each lane (detector, aggregated).
+DurableMark = tuple[int, ...]
 
 
 class _Spool:
@@ -202,7 +216,13 @@ def _count_lines(path: Path) -> int:
 
 
 class _Lane(Generic[_Row]):
-    """The buffer and the spool of one table."""
+    """The buffer and the spool of one table.
+
+    Rows are numbered from 1 as they are submitted (``submitted`` is the last
+    number given); ``seqs`` holds the numbers of the buffered ``rows``, and
+    ``in_flight_seqs`` those of the batch being written. Rows spooled at once
+    (no room in the buffer) are on disk, so they are never pending.
+    """
 
     def __init__(
         self,
@@ -217,7 +237,57 @@ class _Lane(Generic[_Row]):
         self.from_record: Callable[[Sequence[Any]], _Row] = from_record
         self.spool = spool
         self.rows: deque[_Row] = deque()
+        self.seqs: deque[int] = deque()
         self.in_flight: list[_Row] = []
+        self.in_flight_seqs: list[int] = []
+        # The batch being written is also in the spool (``spool_through``):
+        # if its INSERT fails, it is not buffered again.
+        self.in_flight_spooled = False
+        self.submitted = 0
+
+    def oldest_pending_seq(self) -> int | None:
+        """Return the number of the oldest row only in memory, if any."""
+        if self.in_flight_seqs and not self.in_flight_spooled:
+            return self.in_flight_seqs[0]
+        return self.seqs[0] if self.seqs else None
+
+    def pending_rows(self) -> int:
+        """Return how many rows are only in memory."""
+        in_flight = 0 if self.in_flight_spooled else len(self.in_flight)
+        return len(self.rows) + in_flight
+
+    def take_batch(self, count: int) -> None:
+        """Move up to ``count`` rows from the buffer to the batch in flight."""
+        self.in_flight = [self.rows.popleft() for _ in range(count)]
+        self.in_flight_seqs = [self.seqs.popleft() for _ in range(count)]
+        self.in_flight_spooled = False
+
+    def end_batch(self, *, requeue: bool) -> None:
+        """Forget the batch in flight; ``requeue`` puts it back in the buffer."""
+        if requeue and not self.in_flight_spooled:
+            self.rows.extendleft(reversed(self.in_flight))
+            self.seqs.extendleft(reversed(self.in_flight_seqs))
+        self.in_flight = []
+        self.in_flight_seqs = []
+        self.in_flight_spooled = False
+
+    def take_through(self, seq: int) -> list[_Row]:
+        """Return the rows only in memory numbered up to ``seq``, for the spool.
+
+        Buffered rows leave the buffer; a batch in flight stays in flight (its
+        INSERT may still succeed) but is marked spooled.
+        """
+        taken: list[_Row] = []
+        oldest = self.oldest_pending_seq()
+        if oldest is None or oldest > seq:
+            return taken
+        if self.in_flight_seqs and not self.in_flight_spooled:
+            taken.extend(self.in_flight)
+            self.in_flight_spooled = True
+        while self.seqs and self.seqs[0] <= seq:
+            self.seqs.popleft()
+            taken.append(self.rows.popleft())
+        return taken
 
 
 class StoreWriter:
@@ -229,9 +299,12 @@ class StoreWriter:
     ``stop`` go straight to the spool.
 
     Metrics: ``backlog_rows`` (buffered, being written, and spooled),
+    ``rows_submitted`` and ``rows_durable`` (stored or on disk),
     ``rows_written`` (rows the store inserted; rows it already held are not
     counted again), ``rows_spooled``, ``rows_failed``, and ``last_error`` (the
-    last failure, ``None`` again after a batch is written).
+    last failure, ``None`` again after a batch is written). ``on_batch``, if
+    set, is called from the writer thread after every batch the store took,
+    with the table name, the rows and the seconds the INSERT took.
     """
 
     def __init__(
@@ -292,6 +365,7 @@ class StoreWriter:
         self.rows_spooled = 0
         self.rows_failed = 0
         self.last_error: str | None = None
+        self.on_batch: Callable[[str, int, float], None] | None = None
 
     @property
     def backlog_rows(self) -> int:
@@ -374,17 +448,26 @@ class StoreWriter:
         )
 
     def _submit(self, lane: _Lane[_Row], rows: list[_Row]) -> None:
+        """Buffer what fits and spool the rest, numbering every row.
+
+        The overflow is spooled before the lock is released, so that a
+        durability check never sees a row that is neither buffered nor on disk.
+        """
         with self._cond:
             # After stop nothing writes the buffer: every row goes to the spool.
-            room = 0 if self._halt else self.max_buffer_rows - self._buffered_rows()
+            room = 0 if self._halt else self.max_buffer_rows - self._memory_rows()
             room = max(0, room)
+            first_seq = lane.submitted + 1
+            lane.submitted += len(rows)
             lane.rows.extend(rows[:room])
+            lane.seqs.extend(range(first_seq, first_seq + min(room, len(rows))))
             overflow = rows[room:]
+            if overflow:
+                self._spool(lane, overflow)
             if self._buffered_rows() >= self.batch_rows:
                 self._cond.notify_all()
 
         if overflow:
-            self._spool(lane, overflow)
             logger.warning(
                 "rows spooled to disk: table=%s rows=%d reason=%s",
                 lane.table,
@@ -392,11 +475,82 @@ class StoreWriter:
                 "stopped" if self._halt else "buffer_full",
             )
 
+    @property
+    def rows_submitted(self) -> int:
+        """Return how many rows were handed to the writer, over both tables."""
+        with self._cond:
+            return sum(lane.submitted for lane in self._lanes)
+
+    @property
+    def rows_durable(self) -> int:
+        """Return how many submitted rows are stored or on disk."""
+        with self._cond:
+            pending = sum(lane.pending_rows() for lane in self._lanes)
+            return sum(lane.submitted for lane in self._lanes) - pending
+
+    def submitted_mark(self) -> DurableMark:
+        """Return a mark naming every row submitted so far."""
+        with self._cond:
+            return tuple(lane.submitted for lane in self._lanes)
+
+    def is_durable(self, mark: DurableMark) -> bool:
+        """Return whether every row up to ``mark`` is stored or on disk."""
+        with self._cond:
+            return self._durable(mark)
+
+    def wait_durable(self, mark: DurableMark, timeout_s: float) -> bool:
+        """Write at once and wait until every row up to ``mark`` is durable.
+
+        Rows submitted after the mark are not waited for. Returns whether
+        they are durable within ``timeout_s``; blocks: call from a thread.
+        """
+        with self._cond:
+            if self._durable(mark) or not self._running():
+                return self._durable(mark)
+            self._flush_waiters += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(
+                    lambda: self._durable(mark), timeout=timeout_s
+                )
+            finally:
+                self._flush_waiters -= 1
+
+    def spool_through(self, mark: DurableMark) -> int:
+        """Spool every row up to ``mark`` still in memory; return how many.
+
+        A batch being written is spooled whole, and stays in flight: if its
+        INSERT succeeds too, writing the spool back skips its rows.
+
+        Raises:
+            StoreError: the spool cannot be written.
+        """
+        spooled = 0
+        with self._cond:
+            for lane, seq in zip(self._lanes, mark, strict=True):
+                rows = lane.take_through(seq)
+                if rows:
+                    self._spool(lane, rows)
+                    spooled += len(rows)
+            self._cond.notify_all()
+        return spooled
+
+    def _durable(self, mark: DurableMark) -> bool:
+        for lane, seq in zip(self._lanes, mark, strict=True):
+            oldest = lane.oldest_pending_seq()
+            if oldest is not None and oldest <= seq:
+                return False
+        return True
+
     def _running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive() and not self._halt
 
     def _buffered_rows(self) -> int:
+        """Return the rows only in memory (a spooled batch in flight is on disk)."""
+        return sum(lane.pending_rows() for lane in self._lanes)
+
+    def _memory_rows(self) -> int:
         return sum(len(lane.rows) + len(lane.in_flight) for lane in self._lanes)
 
     def _drained(self) -> bool:
@@ -493,23 +647,22 @@ class StoreWriter:
             StoreError: the store is unreachable; the batch is buffered again.
         """
         with self._cond:
-            count = min(len(lane.rows), self.batch_rows)
-            lane.in_flight = [lane.rows.popleft() for _ in range(count)]
-        if not lane.in_flight:
+            lane.take_batch(min(len(lane.rows), self.batch_rows))
+            batch = lane.in_flight
+        if not batch:
             return False
 
         try:
-            self._insert(lane, lane.in_flight)
+            self._insert(lane, batch)
         except StoreUnavailable:
             with self._cond:
                 # Once stop has spooled the leftovers, these rows are among them.
-                if not self._leftovers_spooled:
-                    lane.rows.extendleft(reversed(lane.in_flight))
-                lane.in_flight = []
+                lane.end_batch(requeue=not self._leftovers_spooled)
             raise
 
         with self._cond:
-            lane.in_flight = []
+            lane.end_batch(requeue=False)
+            self._cond.notify_all()
         return True
 
     def _write_spooled(self, lane: _Lane[_Row]) -> None:
@@ -556,6 +709,7 @@ class StoreWriter:
         if not rows:
             return
 
+        started_s = time.perf_counter()
         try:
             inserted = lane.insert(rows)
         except StoreUnavailable:
@@ -576,6 +730,8 @@ class StoreWriter:
 
         self.rows_written += inserted
         self.last_error = None
+        if self.on_batch is not None:
+            self.on_batch(lane.table, len(rows), time.perf_counter() - started_s)
 
     def _spool(self, lane: _Lane[_Row], rows: Sequence[_Row]) -> None:
         lane.spool.append([row.record() for row in rows])
@@ -586,11 +742,10 @@ class StoreWriter:
         for lane in self._lanes:
             with self._cond:
                 self._leftovers_spooled = True
-                rows = [*lane.in_flight, *lane.rows]
-                lane.rows.clear()
-                lane.in_flight = []
+                rows = lane.take_through(lane.submitted)
+                if rows:
+                    self._spool(lane, rows)
             if rows:
-                self._spool(lane, rows)
                 logger.warning(
                     "store writer stopped with rows unwritten, spooled: "
                     "table=%s rows=%d path=%s",

@@ -42,6 +42,7 @@ from aggregator_app.store import (
     detector_event_row,
 )
 from aggregator_app.store.schema import supports_ttl
+from aggregator_app.store_replay import iter_rows
 
 pytestmark = pytest.mark.integration
 
@@ -387,21 +388,111 @@ def test_fetch_aggregated_orders_open_before_closed(
 # Retention.
 
 
-def test_old_partitions_are_dropped(backend: str, store_factory: StoreFactory) -> None:
-    # No TTL here, so only drop_partitions_older_than removes the old rows.
-    store = store_factory(backend, ttl_days=None)
-    old = make_events(10, start_ms=NOW_MS - 40 * DAY_MS, prefix="old")
-    recent = make_events(10, start_ms=NOW_MS - 3_600_000, prefix="new")
-    store.insert_detector_events(rows_of(old + recent))
-    store.insert_aggregated_events(aggregated_rows(old))
+def insert_stored_at(
+    store: ClickHouseStore,
+    count: int,
+    *,
+    start_ms: int,
+    stored_at_ms: int,
+    prefix: str = "ev",
+) -> None:
+    """Insert detector rows and their observations as if stored at ``stored_at_ms``.
+
+    Rows ``<prefix>-<n>`` one second apart from ``start_ms``, as
+    :func:`make_events` makes them. The writer never sets ``inserted_at`` (the
+    server does): only a test can make a row look old. Columns not named here
+    take their type's default.
+    """
+    numbers = (
+        f"SELECT concat('{prefix}-', toString(number)) AS id, "
+        "concat('cam-', toString(number % 3)) AS camera, "
+        f"toUInt64({start_ms} + number * 1000) AS time_ms, "
+        f"toUInt64({NOW_MS}) AS version, "
+        f"toDateTime({stored_at_ms // 1000}) AS stored_at "
+        f"FROM system.numbers LIMIT {count}"
+    )
+    _execute(
+        store,
+        f"INSERT INTO `{store.database}`.detector_events "
+        "(event_id, camera_id, event_time_ms, version, inserted_at) "
+        f"SELECT id, camera, time_ms, version, stored_at FROM ({numbers})",
+    )
+    _execute(
+        store,
+        f"INSERT INTO `{store.database}`.aggregated_events "
+        "(aggregated_id, status, camera_id, event_time_ms, version, inserted_at) "
+        f"SELECT concat('agg-', id), 'open', camera, time_ms, version, stored_at "
+        f"FROM ({numbers})",
+    )
+
+
+@pytest.mark.parametrize("ttl_days", [None, 30])
+def test_days_stored_over_30_days_ago_are_dropped(
+    backend: str, ttl_days: int | None, store_factory: StoreFactory
+) -> None:
+    store = store_factory(backend, ttl_days=ttl_days)
+    insert_stored_at(
+        store, 10, start_ms=NOW_MS - 40 * DAY_MS, stored_at_ms=NOW_MS - 35 * DAY_MS
+    )
+    # An old recording replayed today is kept as long as live data.
+    replayed = make_events(10, start_ms=NOW_MS - 45 * DAY_MS, prefix="replayed")
+    recent = make_events(10, start_ms=NOW_MS - 3_600_000, prefix="recent")
+    store.insert_detector_events(rows_of(replayed + recent))
+    store.insert_aggregated_events(aggregated_rows(replayed))
+
+    dropped = store.drop_partitions_older_than(30)
+    dropped_again = store.drop_partitions_older_than(30)
+
+    # On a server with TTL a merge may have removed the expired rows first.
+    assert dropped in (0, 1, 2) and dropped_again == 0
+    expired_range = {"since_ms": NOW_MS - 40 * DAY_MS, "until_ms": NOW_MS - 39 * DAY_MS}
+    assert store.count_detector_events(**expired_range) == 0
     assert store.count_detector_events() == 20
+    assert store.count_aggregated_events() == 10
+
+
+def test_the_partition_drop_alone_removes_expired_days(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    # No TTL: what goes is gone by the job, on every server.
+    store = store_factory(backend, ttl_days=None)
+    insert_stored_at(
+        store, 10, start_ms=NOW_MS - 40 * DAY_MS, stored_at_ms=NOW_MS - 35 * DAY_MS
+    )
+    assert store.count_detector_events() == 10
 
     dropped = store.drop_partitions_older_than(30)
 
     assert dropped == 2  # one day in each table
-    assert store.count_detector_events() == 10
+    assert store.count_detector_events() == 0
     assert store.count_aggregated_events() == 0
-    assert store.count_detector_events(until_ms=NOW_MS - 30 * DAY_MS) == 0
+
+
+def test_a_day_with_one_recent_row_is_kept_whole_by_the_job(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    store = store_factory(backend, ttl_days=None)
+    day_ms = NOW_MS - 40 * DAY_MS
+    insert_stored_at(store, 5, start_ms=day_ms, stored_at_ms=day_ms)
+    store.insert_detector_events(rows_of(make_events(1, start_ms=day_ms, prefix="new")))
+
+    assert store.drop_partitions_older_than(30) == 1  # aggregated_events only
+    assert store.count_detector_events() == 6
+
+
+def test_ttl_removes_expired_rows_at_a_merge_where_the_server_has_it(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    store = store_factory(backend, ttl_days=30)
+    version = str(_query(store, "SELECT version()")[0][0])
+    day_ms = NOW_MS - 40 * DAY_MS
+    insert_stored_at(store, 5, start_ms=day_ms, stored_at_ms=NOW_MS - 35 * DAY_MS)
+    store.insert_detector_events(rows_of(make_events(1, start_ms=day_ms, prefix="new")))
+
+    _execute(store, f"OPTIMIZE TABLE `{store.database}`.detector_events FINAL")
+
+    # 18.16 has no TTL: its expired rows wait for the whole day to expire.
+    assert store.count_detector_events() == (1 if supports_ttl(version) else 6)
 
 
 def test_tables_get_ttl_where_the_server_has_it(
@@ -460,8 +551,10 @@ class SwitchableStore(EventStore):
     def fetch_aggregated(self, *args: Any, **kwargs: Any) -> list[AggregatedEventRow]:
         return self.target.fetch_aggregated(*args, **kwargs)
 
-    def drop_partitions_older_than(self, days: int) -> int:
-        return self.target.drop_partitions_older_than(days)
+    def drop_partitions_older_than(
+        self, days: int, *, now_ms: int | None = None
+    ) -> int:
+        return self.target.drop_partitions_older_than(days, now_ms=now_ms)
 
     def close(self) -> None:
         self.target.close()
@@ -610,3 +703,114 @@ async def test_writer_service_runs_with_the_app(
 
     assert store.count_detector_events() == 10
     assert writer.backlog_rows == 0
+
+
+# Durability before a commit.
+
+
+def test_wait_durable_waits_only_for_rows_before_the_mark(
+    backend: str,
+    store_factory: StoreFactory,
+    writer_factory: Callable[..., StoreWriter],
+) -> None:
+    store = store_factory(backend)
+    # Rows would wait a minute for the interval: only the wait writes them.
+    writer = writer_factory(store, flush_interval_ms=60_000, max_buffer_rows=1000)
+    writer.start()
+    writer.submit_detector(rows_of(make_events(30, prefix="before")))
+    writer.submit_aggregated(aggregated_rows(make_events(5, prefix="before")))
+    mark = writer.submitted_mark()
+    writer.submit_detector(rows_of(make_events(20, prefix="after")))
+
+    started_s = time.monotonic()
+    assert writer.wait_durable(mark, timeout_s=10.0)
+
+    assert time.monotonic() - started_s < 5.0
+    assert writer.is_durable(mark)
+    assert store.count_detector_events() >= 30
+    assert store.count_aggregated_events() == 5
+    assert writer.rows_submitted == 55
+    assert writer.rows_durable >= 35
+
+
+def test_rows_before_the_mark_are_spooled_when_the_store_is_down(
+    backend: str,
+    store_factory: StoreFactory,
+    writer_factory: Callable[..., StoreWriter],
+    tmp_path: Path,
+) -> None:
+    store = store_factory(backend)
+    switch = SwitchableStore(_down_store())
+    writer = writer_factory(switch, max_buffer_rows=1000)
+    writer.start()
+    writer.submit_detector(rows_of(make_events(40, prefix="before")))
+    mark = writer.submitted_mark()
+
+    assert not writer.wait_durable(mark, timeout_s=0.3)
+    spooled = writer.spool_through(mark)
+    writer.submit_detector(rows_of(make_events(10, prefix="after")))
+
+    assert spooled == 40
+    assert writer.is_durable(mark)
+    assert not writer.is_durable(writer.submitted_mark())
+    assert writer.rows_durable == 40 and writer.backlog_rows == 50
+    spool_files = list((tmp_path / "spool").glob("detector_events*.jsonl"))
+    lines = sum(len(path.read_bytes().splitlines()) for path in spool_files)
+    assert lines == 40
+
+    switch.target = store
+    assert writer.flush(timeout_s=20.0)
+    assert store.count_detector_events() == 50
+    assert writer.rows_written == 50
+
+
+# Reading a range back for a replay.
+
+
+def test_replay_pages_lose_and_repeat_no_row_inside_one_millisecond(
+    backend: str, store_factory: StoreFactory
+) -> None:
+    store = store_factory(backend)
+    # 60 events on 3 cameras, 20 of them in one millisecond: page edges fall inside.
+    events = make_events(40, step_ms=1000) + make_events(
+        20, start_ms=NOW_MS - 1_800_000, step_ms=0, prefix="same-ms"
+    )
+    store.insert_detector_events(rows_of(events))
+    since_ms, until_ms = NOW_MS - 2 * 3_600_000, NOW_MS
+
+    pages = list(
+        iter_rows(
+            store,
+            "detector_events",
+            since_ms=since_ms,
+            until_ms=until_ms,
+            filters={},
+            page_rows=7,
+        )
+    )
+    camera_pages = list(
+        iter_rows(
+            store,
+            "detector_events",
+            since_ms=since_ms,
+            until_ms=until_ms,
+            filters={"camera_id": ["cam-1", "cam-2"], "outcome": ["kept"]},
+            page_rows=5,
+        )
+    )
+
+    ids = [row.event_id for page in pages for row in page]
+    assert sorted(ids) == sorted(event.event_id for event in events)
+    times = [row.event_time_ms for page in pages for row in page]
+    assert times == sorted(times)
+    wanted = [e.event_id for e in events if e.camera_id in ("cam-1", "cam-2")]
+    assert sorted(row.event_id for page in camera_pages for row in page) == sorted(
+        wanted
+    )
+    assert store.count_rows(
+        "detector_events", since_ms=since_ms, until_ms=until_ms, filters={}
+    ) == len(events)
+    with pytest.raises(ValueError, match="cannot filter"):
+        store.count_rows(
+            "detector_events", since_ms=0, until_ms=1, filters={"payload": ["x"]}
+        )
