@@ -26,17 +26,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from faust import Stream
-from faust.types import Message, StreamT
+from faust.types import EventT, Message, StreamT
 from pydantic import ValidationError
 
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Decision, Deduplicator, Span
-from aggregator_app.metrics import counters
+from aggregator_app.metrics import counters, latency
 from aggregator_app.outbox import InFlight, Outbox
 from aggregator_app.schema import AggregatedEvent, DetectorEvent
 from aggregator_app.topics import (
@@ -53,6 +53,7 @@ __all__ = [
     "deduplicator",
     "in_flight",
     "manual_acks",
+    "timed_ack",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ async def dedup_agent(stream: StreamT) -> None:
     (:class:`~aggregator_app.outbox.InFlight`), not when the loop moves on.
     """
     async for event in manual_acks(stream).events():
+        started_s = time.perf_counter()
         messages: list[Message] = event.value
         partition = event.message.partition
         outbox = Outbox(app.producer)
@@ -104,7 +106,22 @@ async def dedup_agent(stream: StreamT) -> None:
         await deduplicate_batch(events, partition=partition, outbox=outbox)
         if ticked:
             await _close_due(partition, outbox, force=True)
-        await in_flight.hand_over(outbox, event.ack)
+        latency.observe("dedup", time.perf_counter() - started_s, len(messages))
+        await in_flight.hand_over(
+            outbox, timed_ack(event, "dedup_to_publish", started_s, len(messages))
+        )
+
+
+def timed_ack(
+    event: EventT, stage: str, started_s: float, records: int
+) -> Callable[[], None]:
+    """Return the acknowledgement of a batch that also times it, in ``stage``."""
+
+    def ack() -> None:
+        latency.observe(stage, time.perf_counter() - started_s, records)
+        event.ack()
+
+    return ack
 
 
 def _read_internal(messages: Sequence[Message]) -> tuple[list[Positioned], bool]:

@@ -23,7 +23,13 @@ from typing import Any
 
 from faust.types import Message, StreamT
 
-from agents.dedup import Positioned, deduplicate_batch, in_flight, manual_acks
+from agents.dedup import (
+    Positioned,
+    deduplicate_batch,
+    in_flight,
+    manual_acks,
+    timed_ack,
+)
 from aggregator_app.app import app, rules
 from aggregator_app.exceptions import RejectedEvent
 from aggregator_app.ingest import (
@@ -32,7 +38,7 @@ from aggregator_app.ingest import (
     dead_letter_headers,
     parse_record,
 )
-from aggregator_app.metrics import counters
+from aggregator_app.metrics import counters, latency
 from aggregator_app.outbox import Outbox
 from aggregator_app.schema import DetectorEvent
 from aggregator_app.topics import (
@@ -146,8 +152,12 @@ async def _dead_letter(record: RawRecord, error: RejectedEvent, outbox: Outbox) 
 def _make_agent(source: SourceConfig) -> AgentFun:
     async def ingest(stream: StreamT) -> None:
         async for event in manual_acks(stream).events():
+            started_s = time.perf_counter()
+            records = len(event.value)
             outbox = await ingest_batch(event.value, source, event.message.partition)
-            await in_flight.hand_over(outbox, event.ack)
+            latency.observe("ingest", time.perf_counter() - started_s, records)
+            ack = timed_ack(event, "ingest_to_publish", started_s, records)
+            await in_flight.hand_over(outbox, ack)
 
     ingest.__name__ = f"ingest_{source.name}"
     ingest.__qualname__ = ingest.__name__

@@ -1,34 +1,26 @@
 """Counters of one worker, kept in memory and logged and served over the web port.
 
-Besides the counters: latency histograms by stage (:data:`latency`), filled by
-:class:`StageSensor` (a faust sensor, so the agents need no timing code) and by
-the store writer, and the text format Prometheus scrapes
-(:func:`prometheus_text`). The format is written here rather than with
-``prometheus_client``: a worker serves one small page of counters, gauges and
-histograms that already live in these objects, and a second registry would
-have to be kept in step with them.
+Besides the counters: latency histograms by stage (:data:`latency`), filled
+by the agents (a batch at a time) and by the store writer, and the text
+format Prometheus scrapes (:func:`prometheus_text`). The format is written
+here rather than with ``prometheus_client``: a worker serves one small page of
+counters, gauges and histograms that already live in these objects, and a
+second registry would have to be kept in step with them.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from faust import Sensor
-from faust.streams import current_event
-from faust.types import TP, EventT, StreamT
 
 __all__ = [
     "LATENCY_BUCKETS_S",
     "Histogram",
     "LabelledGauge",
     "StageLatency",
-    "StageSensor",
     "WorkerCounters",
     "counters",
     "latency",
@@ -140,11 +132,11 @@ class Histogram:
         self.sum_s = 0.0
         self.count = 0
 
-    def observe(self, value_s: float) -> None:
-        """Count one observation of ``value_s`` seconds."""
-        self.bucket_counts[bisect.bisect_left(self.bounds_s, value_s)] += 1
-        self.sum_s += value_s
-        self.count += 1
+    def observe(self, value_s: float, count: int = 1) -> None:
+        """Count ``count`` observations of ``value_s`` seconds each."""
+        self.bucket_counts[bisect.bisect_left(self.bounds_s, value_s)] += count
+        self.sum_s += value_s * count
+        self.count += count
 
     def cumulative(self) -> list[tuple[str, int]]:
         """Return ``(le, count)`` pairs as Prometheus lists them, ``+Inf`` last."""
@@ -160,23 +152,23 @@ class Histogram:
 class StageLatency:
     """One histogram per stage of the pipeline, made on first use.
 
-    Stages: ``ingest`` and ``dedup`` (one record through its agent),
-    ``ingest_to_publish`` (a detector record taken by the ingest agent until
-    its observation is handed to the producer, when it is deduplicated in the
-    same agent), ``dedup_to_publish`` (the same from a ``detector-events``
-    record), ``store_write`` (one INSERT batch) and ``commit_wait`` (how long
-    an offset commit waited for the store).
+    Stages: ``ingest`` and ``dedup`` (a record through its agent: the time
+    its fetched batch took, counted once per record), ``ingest_to_publish``
+    and ``dedup_to_publish`` (from the batch taken in hand until the broker
+    has every record it produced, observations among them),
+    ``store_write`` (one INSERT batch) and ``commit_wait`` (how long an
+    offset commit waited for the store).
     """
 
     def __init__(self) -> None:
         self.stages: dict[str, Histogram] = {}
 
-    def observe(self, stage: str, value_s: float) -> None:
-        """Count one observation of ``value_s`` seconds in ``stage``."""
+    def observe(self, stage: str, value_s: float, count: int = 1) -> None:
+        """Count ``count`` observations of ``value_s`` seconds in ``stage``."""
         histogram = self.stages.get(stage)
         if histogram is None:
             histogram = self.stages[stage] = Histogram()
-        histogram.observe(value_s)
+        histogram.observe(value_s, count)
 
 
 latency = StageLatency()
@@ -189,74 +181,6 @@ class LabelledGauge:
     name: str
     help: str
     values: Mapping[tuple[tuple[str, str], ...], float]
-
-
-class StageSensor(Sensor):
-    """Times records through the agents, and to the publish of an observation.
-
-    ``stage_of_topic`` names the stage of a source topic (``ingest``,
-    ``dedup``); records of other topics are not timed. ``publish_topic`` is the
-    topic of observations: a send to it, inside an agent's iteration, is timed
-    from when that agent took its record.
-    """
-
-    def __init__(
-        self,
-        *,
-        stage_of_topic: Mapping[str, str],
-        publish_topic: str,
-        latency: StageLatency = latency,
-    ) -> None:
-        super().__init__()
-        self.stage_of_topic = dict(stage_of_topic)
-        self.publish_topic = publish_topic
-        self.latency = latency
-        # When the agent took each record in hand, by id of its event.
-        self._in_s: dict[int, float] = {}
-
-    def on_stream_event_in(
-        self, tp: TP, offset: int, stream: StreamT, event: EventT
-    ) -> dict[str, Any] | None:
-        """Note when the agent took the record."""
-        if tp.topic not in self.stage_of_topic:
-            return None
-        started_s = time.perf_counter()
-        self._in_s[id(event)] = started_s
-        return {"stage": self.stage_of_topic[tp.topic], "in_s": started_s}
-
-    def on_stream_event_out(
-        self,
-        tp: TP,
-        offset: int,
-        stream: StreamT,
-        event: EventT,
-        state: dict[str, Any] | None = None,
-    ) -> None:
-        """Count the time the agent spent on the record."""
-        if state is not None:
-            self._in_s.pop(id(event), None)
-            self.latency.observe(state["stage"], time.perf_counter() - state["in_s"])
-
-    def on_send_initiated(
-        self,
-        producer: Any,
-        topic: str,
-        message: Any,
-        keysize: int,
-        valsize: int,
-    ) -> None:
-        """Count the time from the record in hand to its observation's send."""
-        if topic != self.publish_topic:
-            return None
-        event = current_event()
-        if event is None:
-            return None
-        started_s = self._in_s.get(id(event))
-        stage = self.stage_of_topic.get(event.message.topic)
-        if started_s is None or stage is None:
-            return None
-        self.latency.observe(f"{stage}_to_publish", time.perf_counter() - started_s)
-        return None
 
 
 def prometheus_text(

@@ -39,7 +39,6 @@ from aggregator_app.exceptions import InvalidQuery
 from aggregator_app.health import consumer_lag, readiness
 from aggregator_app.metrics import (
     LabelledGauge,
-    StageSensor,
     counters,
     latency,
     prometheus_text,
@@ -51,8 +50,6 @@ from aggregator_app.table_queries import (
     table_queries,
 )
 from aggregator_app.topics import (
-    aggregated_topic,
-    detector_events_topic,
     partition_for_camera,
 )
 from tables.dedup import TableSpanStore, dedup_table
@@ -79,16 +76,6 @@ _WRITER_TOTALS = {
     "rows_spooled": "Rows spooled to disk (buffer full, store down, commit wait).",
     "rows_failed": "Rows the store refused, kept for an operator.",
 }
-
-app.sensors.add(
-    StageSensor(
-        stage_of_topic={
-            **{source.topic: "ingest" for source in rules.sources},
-            detector_events_topic.get_topic_name(): "dedup",
-        },
-        publish_topic=aggregated_topic.get_topic_name(),
-    )
-)
 
 
 # Counters.
