@@ -389,22 +389,11 @@ def test_injected_redeliveries_are_all_removed(
     assert counts["kept"] == counts["published_open"] == len(expected.spans)
 
 
-# TODO: a worker restarted after a SIGKILL with an empty data dir often stops
-# consuming a few records short of the end (791 of 800, with no error logged),
-# so the group lag never reaches 0. Suspected: faust's recovery when the killed
-# member's session expires, and the group rebalances, while the new worker is
-# still restoring the table. The mark goes when this variant passes every time.
-_STALLS_AFTER_RESTART = pytest.mark.xfail(
-    strict=False,
-    reason="a worker restarted with an empty data dir can stop short of the end",
-)
-
-
 @pytest.mark.parametrize(
     "variant",
     [
         "sigkill",
-        pytest.param("sigkill-new-data-dir", marks=_STALLS_AFTER_RESTART),
+        "sigkill-new-data-dir",
         "sigterm",
     ],
 )
