@@ -21,16 +21,20 @@ The transport is chosen by the broker URL scheme ``kafka+batches://``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from faust.serializers import codecs
+from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from faust.types.tuples import ConsumerMessage
 
 __all__ = ["BATCHED_TOPICS", "SCHEME", "BatchingConsumer", "BatchingTransport"]
+
+logger = logging.getLogger(__name__)
 
 SCHEME = "kafka+batches"
 
@@ -51,6 +55,34 @@ class _RecordsCodec(codecs.Codec):
 class BatchingConsumer(faust_aiokafka.Consumer):
     """Delivers the records of :data:`BATCHED_TOPICS` one fetched batch at a time."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The offset of the last record delivered in a batch, per partition.
+        self._delivered: dict[TP, int] = {}
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._delivered.pop(ensure_TP(partition), None)
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        self._delivered.clear()
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        await super().on_partitions_revoked(revoked)
+        self._forget_delivered(revoked)
+
+    async def on_partitions_assigned(
+        self, assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        # A new assignment reads from the committed offsets again.
+        self._forget_delivered(assigned)
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    def _forget_delivered(self, tps: set[TP]) -> None:
+        for tp in tps:
+            self._delivered.pop(ensure_TP(tp), None)
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         batches: dict[TP, list[Message]] = {}
         async for tp, message in super().getmany(timeout):
@@ -60,7 +92,29 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 yield tp, message
 
         for tp, messages in batches.items():
-            yield tp, await self._batch_message(tp, messages)
+            fresh = self._not_delivered(tp, messages)
+            if fresh:
+                yield tp, await self._batch_message(tp, fresh)
+
+    def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
+        """Drop the records delivered already, and remember the last one.
+
+        Faust drops a record fetched again one at a time (its read offset);
+        inside a batch it would pass with the batch, and be processed twice.
+        A seek (rebalance, recovery) asks for records to be read again, so it
+        forgets what was delivered.
+        """
+        delivered = self._delivered.get(tp)
+        self._delivered[tp] = messages[-1].offset
+        if delivered is None or messages[0].offset > delivered:
+            return messages
+        fresh = [message for message in messages if message.offset > delivered]
+        logger.info(
+            "transport: records fetched again dropped: tp=%s dropped=%d",
+            tp,
+            len(messages) - len(fresh),
+        )
+        return fresh
 
     async def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
         first, last = messages[0], messages[-1]
