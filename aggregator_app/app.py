@@ -40,7 +40,7 @@ app = faust.App(
     stream_buffer_maxsize=20_000,
     stream_wait_empty=True,
     producer_linger=0.005,
-    producer_max_batch_size=256 * 1024,
+    producer_max_batch_size=1000 * 1000,
     table_cleanup_interval=3600.0,
     # A crash reads again what was not committed: commit often (it is cheap),
     # so that little is read again.

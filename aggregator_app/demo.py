@@ -165,6 +165,7 @@ def _wait_done(base_url: str, *, sent: int, timeout_s: float) -> dict[str, Any]:
         ) >= counts.get("accepted_events", 1)
         closed = counts.get("published_closed", -1) >= counts.get("published_open", 0)
         stored = counts.get("store_backlog_rows", 1) == 0
+        stored = stored and counts.get("in_flight_records", 1) == 0
         if handled and deduplicated and closed and stored:
             return summary
         time.sleep(1.0)

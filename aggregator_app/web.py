@@ -33,6 +33,7 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
+from agents.dedup import in_flight
 from aggregator_app import sink
 from aggregator_app.app import app, rules, settings
 from aggregator_app.exceptions import InvalidQuery
@@ -101,6 +102,7 @@ class SummaryView(View):
 def _counts() -> dict[str, Any]:
     data = counters.as_dict()
     data["store_backlog_rows"] = sink.backlog_rows()
+    data["in_flight_records"] = in_flight.records
     data["assigned_partitions"] = len(app.assignor.assigned_actives())
     return data
 
@@ -203,6 +205,7 @@ class MetricsView(View):
         lag = await consumer_lag(app)
         gauges = {
             "store_backlog_rows": float(sink.backlog_rows()),
+            "in_flight_records": float(in_flight.records),
             "assigned_partitions": float(len(app.assignor.assigned_actives())),
             "consumer_lag_records": float(sum(lag.values())),
         }

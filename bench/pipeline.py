@@ -916,6 +916,32 @@ async def wait_ready(
     )
 
 
+def worker_stage_means_ms(worker: Worker) -> dict[str, float]:
+    """Return the mean of each stage latency the worker measured, in ms.
+
+    Each stage is weighted by records (a batch counts once per record).
+    """
+    url = f"http://127.0.0.1:{worker.web_port}/aggregator/metrics/"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+
+    totals: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            head = f'aggregator_stage_latency_seconds_{part}{{stage="'
+            if line.startswith(head):
+                stage, _, value = line[len(head) :].partition('"} ')
+                totals[(stage, part)] = float(value)
+    return {
+        stage: round(1000 * total / totals[(stage, "count")], 2)
+        for (stage, part), total in totals.items()
+        if part == "sum" and totals.get((stage, "count"))
+    }
+
+
 def worker_counts(worker: Worker) -> dict[str, Any]:
     """Return the worker's counters from its web view (empty if it does not answer)."""
     url = f"http://127.0.0.1:{worker.web_port}/aggregator/counts/"
@@ -1003,6 +1029,7 @@ async def start_profile(
         "-o",
         str(out),
         "--threads",
+        *(["--idle"] if os.environ.get("BENCH_PROFILE_IDLE") else []),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -1296,6 +1323,7 @@ async def _pipeline_pass(
     check_alive(worker)
 
     notes["worker counts"] = await asyncio.to_thread(worker_counts, worker)
+    notes["stage mean ms"] = await asyncio.to_thread(worker_stage_means_ms, worker)
     return result, notes
 
 
@@ -1361,7 +1389,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     add = parser.add_argument
     add("-n", "--count", type=int, default=20_000, help="messages per flat-out pass")
     add(
-        "--guarantee", choices=("exactly_once", "at_least_once"), default="at_least_once"
+        "--guarantee",
+        choices=("exactly_once", "at_least_once"),
+        default="at_least_once",
     )
     add("--rate", type=_rate, default=None, help="paced passes, messages/s, or auto")
     add("--repeat-ratio", type=float, default=0.0, help="share of repeat messages")

@@ -184,6 +184,7 @@ def wait_processed(worker: Any, *, received: int) -> dict[str, Any]:
             counts["received"] >= received
             and dedup_done(counts)
             and counts["published_open"] >= counts["kept"] + counts["reprocessed"]
+            and counts["in_flight_records"] == 0
         ),
         timeout_s=PROCESS_TIMEOUT_S,
         what=f"{received} messages processed",
