@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -89,7 +90,7 @@ async def test_records_keep_their_order_per_partition_across_outboxes(
                 value=f"{batch}:{index}".encode() + b"x" * 300,
                 partition=index % PARTITIONS,
             )
-        await in_flight.hand_over(outbox, lambda batch=batch: acked.append(batch))
+        await in_flight.hand_over(outbox, functools.partial(acked.append, batch))
 
     records = await _read(kafka_bootstrap, topic, 20 * 200)
     for partition in range(PARTITIONS):
@@ -116,7 +117,7 @@ async def test_on_sent_gets_the_offset_and_keys_go_where_kafka_puts_them(
             key=key,
             value=key,
             timestamp_ms=1_536_773_000_000,
-            on_sent=lambda where, key=key: sent.__setitem__(key, where),
+            on_sent=functools.partial(sent.__setitem__, key),
         )
     assert await outbox.flush() == len(keys)
 
