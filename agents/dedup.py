@@ -277,7 +277,8 @@ async def _publish(
     await outbox.send(
         aggregated_topic.get_topic_name(),
         key=aggregated.aggregated_id.encode(),
-        value=aggregated.model_dump_json().encode(),
+        value=aggregated.json_text.encode(),
+        partition_key=event.camera_id.encode(),
         timestamp_ms=span.start_ms,
     )
     if is_open:

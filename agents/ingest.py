@@ -125,7 +125,7 @@ async def _rekey(detector_event: DetectorEvent, outbox: Outbox) -> None:
     await outbox.send(
         detector_events_topic.get_topic_name(),
         key=detector_event.camera_id.encode(),
-        value=detector_event.model_dump_json().encode(),
+        value=detector_event.json_text.encode(),
         partition=partition_for_camera(detector_event.camera_id),
         timestamp_ms=detector_event.event_time_ms,
     )

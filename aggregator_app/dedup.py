@@ -308,7 +308,7 @@ class Deduplicator:
             start_ms=time_ms,
             last_ms=time_ms,
             partition=partition,
-            kept_json=event.model_dump_json(),
+            kept_json=event.json_text,
             kept_position=position,
         )
         self._spans(window, partition).append(span)

@@ -40,6 +40,10 @@ OnSent = Callable[["SentRecord"], None]
 
 _partitioner = DefaultPartitioner()
 
+#: Per topic: the partition of each ``partition_key`` seen.
+_partition_cache: dict[str, dict[bytes, int]] = {}
+_PARTITION_CACHE_SIZE = 100_000
+
 #: Per aiokafka producer: held while one flush hands its builders over.
 _hand_over_locks: weakref.WeakKeyDictionary[Any, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
@@ -99,6 +103,7 @@ class Outbox:
         key: bytes | None,
         value: bytes | None,
         partition: int | None = None,
+        partition_key: bytes | None = None,
         timestamp_ms: int | None = None,
         headers: Headers | None = None,
         on_sent: OnSent | None = None,
@@ -106,10 +111,14 @@ class Outbox:
         """Add one record; ``on_sent`` gets where it was written, once it is.
 
         Without ``partition`` the record goes where Kafka's default
-        partitioner puts its key (murmur2, as the Java client), or to a
-        random partition when it has no key.
+        partitioner (murmur2, as the Java client) puts ``partition_key``,
+        else its key, or to a random partition when it has neither. A
+        ``partition_key`` keeps records of one thing (a camera) together
+        whatever their keys, and its partition is looked up once.
         """
-        if partition is None:
+        if partition is None and partition_key is not None:
+            partition = await self._cached_partition_of(topic, partition_key)
+        elif partition is None:
             partition = await self._partition_of(topic, key)
         batch = self._open.get((topic, partition))
         if batch is None:
@@ -178,6 +187,15 @@ class Outbox:
         self._open[(topic, partition)] = batch
         self._batches.append(batch)
         return batch
+
+    async def _cached_partition_of(self, topic: str, key: bytes) -> int:
+        cache = _partition_cache.setdefault(topic, {})
+        partition = cache.get(key)
+        if partition is None:
+            if len(cache) >= _PARTITION_CACHE_SIZE:
+                cache.clear()
+            partition = cache[key] = await self._partition_of(topic, key)
+        return partition
 
     async def _partition_of(self, topic: str, key: bytes | None) -> int:
         partitions = sorted(await self._client().partitions_for(topic))

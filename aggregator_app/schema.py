@@ -14,10 +14,12 @@ these models (``python -m aggregator_app.schema``) and a test keeps it in step.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import sys
-from typing import Annotated, Final, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -50,6 +52,14 @@ class DetectorKind(enum.StrEnum):
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> Self:
+        """Return a copy; a changed copy makes its own JSON again."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("json_text", None)
+        return copy
 
 
 class BBox(_Frozen):
@@ -109,6 +119,15 @@ class DetectorEvent(_Frozen):
     position: GroundPoint | None = None
     attributes: dict[str, AttributeValue] = Field(default_factory=dict)
 
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once: the model is frozen.
+
+        An event is written several times (its observation, its store row,
+        its span); this is the one serialisation they share.
+        """
+        return self.model_dump_json()
+
     @field_validator("attributes")
     @classmethod
     def _finite_attributes(
@@ -143,6 +162,12 @@ class AggregatedEvent(_Frozen):
     absorbed_count: int = Field(ge=0)
     absorbed_ids: list[str] = Field(default_factory=list)
     event: DetectorEvent
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once, with its inner event's JSON."""
+        head = self.model_dump_json(exclude={"event"})
+        return f'{head[:-1]},"event":{self.event.json_text}}}'
 
 
 def json_schema() -> dict[str, object]:

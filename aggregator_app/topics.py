@@ -8,6 +8,7 @@ records carry the event time as their timestamp.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from aiokafka.partitioner import murmur2
@@ -63,6 +64,7 @@ def source_topic(name: str) -> TopicT:
     return _raw_topic(name, batched=True)
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_for_camera(camera_id: str) -> int:
     """Return the partition that holds a camera's events and dedup state.
 

@@ -219,7 +219,7 @@ def detector_event_row(
         tracker_id=event.tracker_id or "",
         position_x_m=None if position is None else position.x_m,
         position_y_m=None if position is None else position.y_m,
-        payload=event.model_dump_json(),
+        payload=event.json_text,
         version=inserted_at_ms,
     )
 
@@ -254,7 +254,7 @@ def aggregated_event_row(
         tracker_id=inner.tracker_id or "",
         position_x_m=None if position is None else position.x_m,
         position_y_m=None if position is None else position.y_m,
-        payload=event.model_dump_json(),
+        payload=event.json_text,
         version=inserted_at_ms,
     )
 

@@ -445,8 +445,13 @@ def test_days_stored_over_30_days_ago_are_dropped(
 
     # On a server with TTL a merge may have removed the expired rows first.
     assert dropped in (0, 1, 2) and dropped_again == 0
-    expired_range = {"since_ms": NOW_MS - 40 * DAY_MS, "until_ms": NOW_MS - 39 * DAY_MS}
-    assert store.count_detector_events(**expired_range) == 0
+    expired_since_ms = NOW_MS - 40 * DAY_MS
+    assert (
+        store.count_detector_events(
+            since_ms=expired_since_ms, until_ms=expired_since_ms + DAY_MS
+        )
+        == 0
+    )
     assert store.count_detector_events() == 20
     assert store.count_aggregated_events() == 10
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator_app.schema import (
+    AggregatedEvent,
     BBox,
     DetectorEvent,
     DetectorKind,
@@ -67,3 +68,43 @@ def test_property_json_round_trip(event: DetectorEvent) -> None:
     again = DetectorEvent.model_validate_json(event.model_dump_json())
 
     assert again == event
+
+
+@given(event=events, absorbed=st.lists(identifiers, max_size=3))
+def test_property_cached_json_is_the_models_json(
+    event: DetectorEvent, absorbed: list[str]
+) -> None:
+    aggregated = AggregatedEvent(
+        aggregated_id=f"dedup-5s:{event.event_id}",
+        type="observation",
+        status="closed",
+        rule_id="dedup-5s",
+        camera_id=event.camera_id,
+        detector=event.detector,
+        label=event.label,
+        start_time_ms=event.event_time_ms,
+        end_time_ms=event.event_time_ms,
+        absorbed_count=len(absorbed),
+        absorbed_ids=absorbed,
+        event=event,
+    )
+
+    assert json.loads(event.json_text) == json.loads(event.model_dump_json())
+    assert json.loads(aggregated.json_text) == json.loads(aggregated.model_dump_json())
+
+
+def test_a_changed_copy_makes_its_own_json() -> None:
+    event = DetectorEvent(
+        event_id="e-1",
+        detector=DetectorKind.PERSON,
+        source="unified",
+        camera_id="cam-1",
+        event_time_ms=1,
+        label="person",
+    )
+    assert '"cam-1"' in event.json_text
+
+    moved = event.model_copy(update={"camera_id": "cam-2"})
+
+    assert '"cam-2"' in moved.json_text
+    assert '"cam-1"' in event.json_text
