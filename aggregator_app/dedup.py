@@ -25,6 +25,7 @@ data deduplicates as it did live. Events may arrive out of order by up to
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ class Deduplicator:
         self._window_ms = int(rule.window_s * 1000)
         self._grace_ms = int(rule.grace_s * 1000)
         self._open: dict[WindowKey, int] = {}
+        #: Per partition: a heap of (close time, key, window start) of open spans.
+        self._due: dict[int, list[tuple[int, str, int]]] = {}
         self._watermark_ms: dict[int, int] = {}
         self._dirty: dict[WindowKey, int] = {}
         self._cache: dict[int, dict[WindowKey, list[Span]]] = {}
@@ -293,10 +296,21 @@ class Deduplicator:
             stored = self.store.get(window) if self._read_through else None
             spans = stored or []
             cache[window] = spans
-            for span in spans:
-                if not span.closed:
-                    self._open[window] = span.partition
+            self._track_open(window, spans)
         return spans
+
+    def _track_open(self, window: WindowKey, spans: Iterable[Span]) -> None:
+        """Remember the open spans of a window, to close them when due."""
+        for span in spans:
+            if not span.closed:
+                self._open[window] = span.partition
+                self._push_due(window, span)
+
+    def _push_due(self, window: WindowKey, span: Span) -> None:
+        due_ms = span.start_ms + self._window_ms + self._grace_ms
+        heapq.heappush(
+            self._due.setdefault(span.partition, []), (due_ms, window[0], window[1])
+        )
 
     def _open_span(
         self, key: str, event: DetectorEvent, partition: int, position: str
@@ -313,6 +327,7 @@ class Deduplicator:
         )
         self._spans(window, partition).append(span)
         self._open[window] = partition
+        self._push_due(window, span)
         self._dirty[window] = partition
         return Decision(outcome="kept", key=key, span=span)
 
@@ -363,12 +378,37 @@ class Deduplicator:
         span of its own. ``force`` closes every open
         span of the given partitions (idle partitions, shutdown).
         """
-        wanted = None if partitions is None else set(partitions)
+        chosen = list(self._due) if partitions is None else list(partitions)
         closed: list[tuple[str, Span]] = []
-        for window, partition in list(self._open.items()):
-            if wanted is not None and partition not in wanted:
-                continue
-            closed.extend(self._close_window(window, partition, force=force))
+        for partition in chosen:
+            if force:
+                closed.extend(self._close_all(partition))
+            else:
+                closed.extend(self._close_due_in(partition))
+        return closed
+
+    def _close_due_in(self, partition: int) -> list[tuple[str, Span]]:
+        """Close the due spans of a partition, earliest first.
+
+        Only the spans that are due are looked at (a heap by close time), so
+        a batch costs the same however many spans are open.
+        """
+        due = self._due.get(partition, [])
+        watermark_ms = self._watermark_ms.get(partition, -1)
+        closed: list[tuple[str, Span]] = []
+        while due and due[0][0] <= watermark_ms:
+            _due_ms, key, start_ms = heapq.heappop(due)
+            window = (key, start_ms)
+            if window in self._open:
+                closed.extend(self._close_window(window, partition, force=False))
+        return closed
+
+    def _close_all(self, partition: int) -> list[tuple[str, Span]]:
+        owned = [window for window, owner in self._open.items() if owner == partition]
+        closed: list[tuple[str, Span]] = []
+        for window in owned:
+            closed.extend(self._close_window(window, partition, force=True))
+        self._due.pop(partition, None)
         return closed
 
     def _close_window(
@@ -406,8 +446,7 @@ class Deduplicator:
             return
         partition = spans[0].partition
         self._cache.setdefault(partition, {})[window] = spans
-        if any(not span.closed for span in spans):
-            self._open[window] = partition
+        self._track_open(window, spans)
 
     def spans_near(self, key: str, time_ms: int) -> list[Span]:
         """Return the cached spans of ``key`` in the windows around ``time_ms``."""
@@ -455,4 +494,5 @@ class Deduplicator:
         """
         self._cache.clear()
         self._open.clear()
+        self._due.clear()
         self._dirty.clear()
