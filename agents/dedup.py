@@ -68,6 +68,8 @@ _horizon_ms = 2 * _window_ms + int(_rule.grace_s * 1000)
 _span_store = TableSpanStore()
 deduplicator = Deduplicator(_rule, _span_store, read_through=False)
 _last_event_s: dict[int, float] = {}
+#: Observations published by the batch being handled, stored at its end.
+_published: list[AggregatedEvent] = []
 #: Per partition: (wall-clock time, horizon then), oldest first.
 _horizons: dict[int, deque[tuple[float, int]]] = {}
 #: How long a reached horizon waits before windows behind it are forgotten:
@@ -207,6 +209,8 @@ async def _close_due(partition: int, outbox: Outbox, *, force: bool) -> None:
 
     _forget_old_windows(partition, now_s)
     await _send_changelog(partition, outbox)
+    sink.aggregated_events(_published)
+    _published.clear()
 
 
 def _forget_old_windows(partition: int, now_s: float) -> None:
@@ -233,14 +237,20 @@ def _forget_old_windows(partition: int, now_s: float) -> None:
 
 
 async def _send_changelog(partition: int, outbox: Outbox) -> None:
+    """Queue the table's changes; the last one's offset is remembered once sent.
+
+    One partition's records arrive in order, so the offset of the last record
+    covers the ones before it: one RocksDB write per batch, not per record.
+    """
     topic = _span_store.changelog_topic
-    for key, value in _span_store.take_changelog():
+    changes = _span_store.take_changelog()
+    for index, (key, value) in enumerate(changes, start=1):
         await outbox.send(
             topic,
             key=key,
             value=value,
             partition=partition,
-            on_sent=_span_store.on_changelog_sent,
+            on_sent=_span_store.on_changelog_sent if index == len(changes) else None,
         )
 
 
@@ -285,7 +295,7 @@ async def _publish(
         counters.published_open += 1
     else:
         counters.published_closed += 1
-    sink.aggregated_event(aggregated)
+    _published.append(aggregated)
 
 
 @app.timer(interval=1.0)

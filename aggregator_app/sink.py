@@ -51,6 +51,7 @@ from aggregator_app.store import (
 
 __all__ = [
     "aggregated_event",
+    "aggregated_events",
     "backlog_rows",
     "before_commit",
     "detector_event",
@@ -145,6 +146,16 @@ def aggregated_event(event: AggregatedEvent) -> None:
     """Record a published aggregated event."""
     row = aggregated_event_row(event, inserted_at_ms=int(time.time() * 1000))
     writer().submit_aggregated([row])
+
+
+def aggregated_events(events: Sequence[AggregatedEvent]) -> None:
+    """Record the aggregated events a batch published, in one submission."""
+    if not events:
+        return
+    inserted_at_ms = int(time.time() * 1000)
+    writer().submit_aggregated(
+        [aggregated_event_row(event, inserted_at_ms=inserted_at_ms) for event in events]
+    )
 
 
 def backlog_rows() -> int:
