@@ -10,8 +10,8 @@
   (``aggregator``).
 - ``AGGREGATOR_TOPIC_PREFIX``: put before every topic of the rules file.
 - ``AGGREGATOR_WEB_PORT``: the Faust web port (``8014``).
-- ``AGGREGATOR_GUARANTEE``: ``at_least_once`` (default) or ``exactly_once``
-  (Kafka transactions).
+- ``AGGREGATOR_GUARANTEE``: ``at_least_once`` (the default, and the only one
+  supported; ``exactly_once``, Kafka transactions, is refused for now).
 - ``AGGREGATOR_STORE_FLUSH_MS``: longest a row waits in the store writer's
   buffer (``250``).
 - ``AGGREGATOR_STORE_COMMIT_WAIT_MS``: how long an offset commit waits for the
@@ -76,10 +76,18 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     """
     env = dict(os.environ) if env is None else env
     guarantee = env.get("AGGREGATOR_GUARANTEE", "at_least_once")
-    if guarantee not in ("exactly_once", "at_least_once"):
+    if guarantee == "exactly_once":
+        # TODO: Kafka transactions do not cover the idle ticks, the batched
+        # outbox or the store's commit barrier yet; the mark goes, and this
+        # refusal with it, when the restart tests pass with exactly_once.
         raise ConfigError(
-            "AGGREGATOR_GUARANTEE must be exactly_once or at_least_once, "
-            f"not {guarantee!r}"
+            "AGGREGATOR_GUARANTEE=exactly_once is not supported yet: run "
+            "at_least_once; every output carries a stable id (see README, "
+            "Delivery guarantees)"
+        )
+    if guarantee != "at_least_once":
+        raise ConfigError(
+            f"AGGREGATOR_GUARANTEE must be at_least_once, not {guarantee!r}"
         )
 
     return Settings(

@@ -1390,7 +1390,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     add("-n", "--count", type=int, default=20_000, help="messages per flat-out pass")
     add(
         "--guarantee",
-        choices=("exactly_once", "at_least_once"),
+        choices=("at_least_once",),
         default="at_least_once",
     )
     add("--rate", type=_rate, default=None, help="paced passes, messages/s, or auto")
