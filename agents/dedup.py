@@ -64,6 +64,7 @@ Positioned = tuple[DetectorEvent, str]
 _rule = rules.dedup
 _window_ms = int(_rule.window_s * 1000)
 _horizon_ms = 2 * _window_ms + int(_rule.grace_s * 1000)
+_max_age_s = rules.ingest.max_clock_skew_s
 
 _span_store = TableSpanStore()
 deduplicator = Deduplicator(_rule, _span_store, read_through=False)
@@ -293,9 +294,22 @@ async def _publish(
     )
     if is_open:
         counters.published_open += 1
+        _observe_event_age(event)
     else:
         counters.published_closed += 1
     _published.append(aggregated)
+
+
+def _observe_event_age(event: DetectorEvent) -> None:
+    """Time from the detector's event time to its observation's publication.
+
+    The whole path from the camera, across every hop, by the detector's
+    clock. Recorded data (older than the allowed clock skew) and clocks
+    ahead of ours say nothing about the path, and are left out.
+    """
+    age_s = time.time() - event.event_time_ms / 1000
+    if 0.0 <= age_s <= _max_age_s:
+        latency.observe("event_to_publish", age_s)
 
 
 @app.timer(interval=1.0)
