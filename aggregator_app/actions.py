@@ -88,12 +88,18 @@ def _event_overlap(first: DetectorEvent, second: DetectorEvent, measure: str) ->
     return 0.0
 
 
-def _split_position(position: str) -> tuple[str, int] | None:
-    """Return ``(topic/partition, offset)`` of a position, ``None`` if none."""
-    head, _, offset = position.rpartition("/")
-    if not head or not offset.isdigit():
+def _split_position(position: str) -> tuple[str, tuple[int, int]] | None:
+    """Split ``topic/partition/offset[/index]`` into where and how far.
+
+    Returns ``("topic/partition", (offset, index))``, ``None`` if it is not one.
+    """
+    parts = position.split("/")
+    if len(parts) == 3:
+        parts.append("0")
+    if len(parts) != 4 or not all(part.isdigit() for part in parts[1:]):
         return None
-    return head, int(offset)
+    topic, partition, offset, index = parts
+    return f"{topic}/{partition}", (int(offset), int(index))
 
 
 @dataclass(slots=True)
@@ -409,7 +415,7 @@ class ActionMatcher:
         the records from the last committed offset on are read again, and an
         action decided by one of them may never have reached the broker.
         """
-        first_read: dict[str, int] = {}
+        first_read: dict[str, tuple[int, int]] = {}
         for _event, position in events:
             split = _split_position(position)
             if split is not None and split[0] not in first_read:
@@ -425,7 +431,12 @@ class ActionMatcher:
                 if action_id in self._published_here:
                     continue
                 split = _split_position(decided.decided_position)
-                if split is not None and split[1] >= first_read.get(split[0], 1 << 62):
+                read_from = first_read.get(split[0]) if split is not None else None
+                if (
+                    split is not None
+                    and read_from is not None
+                    and split[1] >= read_from
+                ):
                     self._published_here.add(action_id)
                     again.append(ActionEvent.model_validate_json(decided.action_json))
         return again

@@ -39,17 +39,19 @@ from aggregator_app.app import app, settings
 from aggregator_app.dedup import Decision
 from aggregator_app.exceptions import StoreError
 from aggregator_app.metrics import latency
-from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.schema import ActionEvent, AggregatedEvent, DetectorEvent
 from aggregator_app.store import (
     EventStore,
     Outcome,
     StoreWriter,
+    action_event_row,
     aggregated_event_row,
     detector_event_row,
     open_store,
 )
 
 __all__ = [
+    "action_event",
     "aggregated_event",
     "backlog_rows",
     "before_commit",
@@ -144,6 +146,12 @@ def detector_events(decisions: Sequence[tuple[DetectorEvent, Decision]]) -> None
 def aggregated_event(event: AggregatedEvent) -> None:
     """Record a published aggregated event."""
     row = aggregated_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
+
+
+def action_event(event: ActionEvent) -> None:
+    """Record a published action event (in ``aggregated_events``)."""
+    row = action_event_row(event, inserted_at_ms=int(time.time() * 1000))
     writer().submit_aggregated([row])
 
 

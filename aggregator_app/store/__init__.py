@@ -27,6 +27,7 @@ from aggregator_app.store.base import (
     DetectorEventRow,
     EventStore,
     Outcome,
+    action_event_row,
     aggregated_event_row,
     detector_event_row,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Outcome",
     "StoreWriter",
     "StoreWriterService",
+    "action_event_row",
     "aggregated_event_row",
     "detector_event_row",
     "open_store",
