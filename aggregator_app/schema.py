@@ -30,7 +30,9 @@ __all__ = [
     "BBox",
     "DetectorEvent",
     "DetectorKind",
+    "EpisodeEvent",
     "GroundPoint",
+    "PathPoint",
     "json_schema",
 ]
 
@@ -202,6 +204,44 @@ class ActionEvent(_Frozen):
         return self.model_dump_json()
 
 
+class PathPoint(_Frozen):
+    """One point of an episode's path: where an object was, when, seen by whom."""
+
+    time_ms: int
+    camera_id: Identifier
+    x_m: float
+    y_m: float
+
+
+class EpisodeEvent(_Frozen):
+    """One global object's stay, fused from its observations across cameras.
+
+    Published once, final, when the object has been quiet for the rule's
+    gap (see ``docs/event-patterns.md``). ``cameras`` are in the order
+    visited (a camera seen again after another appears again); ``path`` is
+    thinned; ``aggregated_id`` is ``episode:<global id>:<start ms>``.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    aggregated_id: Identifier
+    type: Literal["episode"] = "episode"
+    status: Literal["closed"] = "closed"
+    global_id: Identifier
+    site_id: Identifier | None = None
+    start_time_ms: int
+    end_time_ms: int
+    duration_ms: int = Field(ge=0)
+    cameras: list[str] = Field(min_length=1)
+    path: list[PathPoint] = Field(default_factory=list)
+    best_confidence: Confidence | None = None
+    observation_count: int = Field(ge=1)
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once."""
+        return self.model_dump_json()
+
+
 def json_schema() -> dict[str, object]:
     """Return the JSON Schema of every published model, as written to docs/."""
     return {
@@ -210,6 +250,7 @@ def json_schema() -> dict[str, object]:
         "DetectorEvent": DetectorEvent.model_json_schema(),
         "AggregatedEvent": AggregatedEvent.model_json_schema(),
         "ActionEvent": ActionEvent.model_json_schema(),
+        "EpisodeEvent": EpisodeEvent.model_json_schema(),
     }
 
 

@@ -39,7 +39,12 @@ from aggregator_app.app import app, settings
 from aggregator_app.dedup import Decision
 from aggregator_app.exceptions import StoreError
 from aggregator_app.metrics import latency
-from aggregator_app.schema import ActionEvent, AggregatedEvent, DetectorEvent
+from aggregator_app.schema import (
+    ActionEvent,
+    AggregatedEvent,
+    DetectorEvent,
+    EpisodeEvent,
+)
 from aggregator_app.store import (
     EventStore,
     Outcome,
@@ -47,6 +52,7 @@ from aggregator_app.store import (
     action_event_row,
     aggregated_event_row,
     detector_event_row,
+    episode_event_row,
     open_store,
 )
 
@@ -58,6 +64,7 @@ __all__ = [
     "detector_event",
     "detector_events",
     "drop_expired",
+    "episode_event",
     "install_commit_barrier",
     "last_error",
     "store",
@@ -152,6 +159,12 @@ def aggregated_event(event: AggregatedEvent) -> None:
 def action_event(event: ActionEvent) -> None:
     """Record a published action event (in ``aggregated_events``)."""
     row = action_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
+
+
+def episode_event(event: EpisodeEvent) -> None:
+    """Record a published episode (in ``aggregated_events``)."""
+    row = episode_event_row(event, inserted_at_ms=int(time.time() * 1000))
     writer().submit_aggregated([row])
 
 

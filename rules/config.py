@@ -24,6 +24,7 @@ __all__ = [
     "ActionRules",
     "CameraInfo",
     "DedupRule",
+    "EpisodeRule",
     "EventMatch",
     "IngestLimits",
     "PairRule",
@@ -155,6 +156,29 @@ class ActionRules(_Strict):
         return self
 
 
+class EpisodeRule(_Strict):
+    """Temporal fusion of one global object's observations into episodes.
+
+    Observations are held in hopping windows of ``size_s`` every ``step_s``
+    (``size_s`` a multiple of ``step_s``); an episode ends when the object
+    has been quiet for ``gap_s`` of event time.
+    """
+
+    size_s: PositiveSeconds = 30.0
+    step_s: PositiveSeconds = 10.0
+    gap_s: PositiveSeconds = 15.0
+    grace_s: NonNegativeSeconds = 5.0
+    path_min_distance_m: NonNegativeSeconds = 0.5
+    path_max_points: Annotated[int, Field(ge=2, le=10_000)] = 50
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> EpisodeRule:
+        panes = self.size_s / self.step_s
+        if panes < 1 or abs(panes - round(panes)) > 1e-9:
+            raise ValueError("size_s must be a whole multiple of step_s")
+        return self
+
+
 class CameraInfo(_Strict):
     """What is known about one camera; used to accept and enrich its events."""
 
@@ -193,6 +217,7 @@ class RulesConfig(_Strict):
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     dedup: DedupRule = DedupRule()
     actions: ActionRules = Field(default_factory=ActionRules)
+    episodes: EpisodeRule = Field(default_factory=EpisodeRule)
     sites: dict[str, SiteInfo] = Field(default_factory=dict)
     cameras: dict[str, CameraInfo] = Field(default_factory=dict)
 

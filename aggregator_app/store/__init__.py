@@ -30,6 +30,7 @@ from aggregator_app.store.base import (
     action_event_row,
     aggregated_event_row,
     detector_event_row,
+    episode_event_row,
 )
 from aggregator_app.store.embedded import DEFAULT_EMBEDDED_DIR, EmbeddedStore
 from aggregator_app.store.native import DEFAULT_NATIVE_PORT, NativeStore
@@ -48,6 +49,7 @@ __all__ = [
     "action_event_row",
     "aggregated_event_row",
     "detector_event_row",
+    "episode_event_row",
     "open_store",
 ]
 

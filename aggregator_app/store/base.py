@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aggregator_app.exceptions import StoreError, StoreUnavailable
-from aggregator_app.schema import ActionEvent, AggregatedEvent, DetectorEvent
+from aggregator_app.schema import (
+    ActionEvent,
+    AggregatedEvent,
+    DetectorEvent,
+    EpisodeEvent,
+)
 from aggregator_app.store.schema import (
     AGGREGATED_EVENTS,
     DETECTOR_EVENTS,
@@ -45,6 +50,7 @@ __all__ = [
     "Outcome",
     "action_event_row",
     "aggregated_event_row",
+    "episode_event_row",
     "detector_event_row",
     "store_error_for_code",
 ]
@@ -286,6 +292,39 @@ def action_event_row(event: ActionEvent, *, inserted_at_ms: int) -> AggregatedEv
         tracker_id=first.tracker_id or "",
         position_x_m=None,
         position_y_m=None,
+        payload=event.json_text,
+        version=inserted_at_ms,
+    )
+
+
+def episode_event_row(
+    event: EpisodeEvent, *, inserted_at_ms: int
+) -> AggregatedEventRow:
+    """Return the ``aggregated_events`` row of an episode (``type = 'episode'``).
+
+    ``camera_id`` is the first camera visited, ``event_id`` and
+    ``tracker_id`` the global id, ``absorbed_count`` the observations,
+    ``position`` the path's last point; ``payload`` is the whole episode.
+    """
+    last = event.path[-1] if event.path else None
+    return AggregatedEventRow(
+        aggregated_id=event.aggregated_id,
+        status=event.status,
+        type=event.type,
+        rule_id="episodes",
+        event_id=event.global_id,
+        detector="",
+        camera_id=event.cameras[0],
+        site_id=event.site_id or "",
+        zone_id="",
+        label="episode",
+        confidence=event.best_confidence,
+        event_time_ms=event.start_time_ms,
+        end_time_ms=event.end_time_ms,
+        absorbed_count=event.observation_count,
+        tracker_id=event.global_id,
+        position_x_m=None if last is None else last.x_m,
+        position_y_m=None if last is None else last.y_m,
         payload=event.json_text,
         version=inserted_at_ms,
     )
