@@ -70,20 +70,23 @@ class Observation:
 
 def thin_path(
     points: list[Observation], *, min_distance_m: float, max_points: int
-) -> list[Observation]:
+) -> list[PathPoint]:
     """Keep the first and last point, and points ``min_distance_m`` from the last kept.
 
     Points without a position are skipped. More than ``max_points`` left are
     sampled evenly, first and last kept.
     """
-    placed = [p for p in points if p.x_m is not None and p.y_m is not None]
+    placed = [
+        PathPoint(time_ms=p.event_time_ms, camera_id=p.camera_id, x_m=p.x_m, y_m=p.y_m)
+        for p in points
+        if p.x_m is not None and p.y_m is not None
+    ]
     if len(placed) <= 2:
         return placed
     kept = [placed[0]]
     for point in placed[1:-1]:
         last = kept[-1]
-        distance = math.dist((point.x_m, point.y_m), (last.x_m, last.y_m))  # type: ignore[arg-type]  # placed: both set
-        if distance >= min_distance_m:
+        if math.dist((point.x_m, point.y_m), (last.x_m, last.y_m)) >= min_distance_m:
             kept.append(point)
     kept.append(placed[-1])
     if len(kept) <= max_points:
@@ -267,15 +270,7 @@ class EpisodeFuser:
             end_time_ms=end_ms,
             duration_ms=end_ms - start_ms,
             cameras=cameras,
-            path=[
-                PathPoint(
-                    time_ms=p.event_time_ms,
-                    camera_id=p.camera_id,
-                    x_m=p.x_m,  # type: ignore[arg-type]  # thin_path keeps placed points
-                    y_m=p.y_m,  # type: ignore[arg-type]  # thin_path keeps placed points
-                )
-                for p in path
-            ],
+            path=path,
             best_confidence=max(confidences, default=None),
             observation_count=len(run),
         )
