@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from aggregator_app.ingest import REPLAY_HEADER
 from aggregator_app.schema import ActionEvent, DetectorEvent
@@ -143,6 +144,67 @@ def test_face_and_wave_in_either_order_give_one_action(
         ("greeting:face-2+wave-2", "closed", "greeting", 2),
     ]
     assert worker.counts()["actions_published"] == 2
+
+
+def committed_offsets(bootstrap: str, group_id: str, topic: str) -> int:
+    """Return how many records of ``topic`` the group has committed, in all."""
+
+    async def read() -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(group_id)
+        finally:
+            await admin.close()
+        return sum(
+            meta.offset
+            for tp, meta in committed.items()
+            if tp.topic == topic and meta.offset > 0
+        )
+
+    return asyncio.run(read())
+
+
+def test_held_face_and_wave_survive_a_kill_with_an_empty_data_dir(
+    worker_factory: WorkerFactory,
+    read_topic: ReadTopic,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+) -> None:
+    # The killed member leaves the group after 10 s instead of faust's 60.
+    worker = worker_factory(BROKER_SESSION_TIMEOUT="10", BROKER_HEARTBEAT_INTERVAL="1")
+    topic = worker.topic(UNIFIED.topic)
+    now_ms = int(time.time() * 1000) - 30_000
+    camera = "TUD-act-restart"
+    send_events(
+        kafka_bootstrap,
+        topic,
+        [
+            detector_event("face-r", camera, now_ms, kind="face"),
+            detector_event("wave-r", camera, now_ms + 800, kind="wave"),
+        ],
+    )
+    deadline = time.monotonic() + ACTION_TIMEOUT_S
+    while committed_offsets(kafka_bootstrap, worker.app_id, topic) < 2:
+        assert time.monotonic() < deadline, "the two events were never committed"
+        time.sleep(0.5)
+
+    # Both are committed and held, undecided: the state is only in the table.
+    worker.kill()
+    worker.restart(AGGREGATOR_DATA_DIR=str(tmp_path / "empty-data-dir"))
+    send_events(
+        kafka_bootstrap,
+        topic,
+        [detector_event("car-r", camera, now_ms + 12_000, kind="car")],
+    )
+    actions = read_actions(
+        read_topic,
+        worker.topic(RULES.aggregated_topic),
+        count=1,
+        timeout_s=ACTION_TIMEOUT_S,
+    )
+
+    assert [a.aggregated_id for a in actions] == ["greeting:face-r+wave-r"]
 
 
 # The store, on both backends.

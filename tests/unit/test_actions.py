@@ -5,33 +5,37 @@ out-of-order arrival within grace and a restart change nothing."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aggregator_app.actions import ActionMatcher, Positioned, box_overlap
 from aggregator_app.schema import ActionEvent, BBox, DetectorEvent
-from rules.config import ActionRules
+from rules.config import ActionRules, load_rules
 
 BASE_MS = 1_700_000_000_000
 GRACE_MS = 5000
 TOPIC = "detections.unified/0"
 
+PAIR = {
+    "kind": "pair",
+    "id": "greeting",
+    "action": "greeting",
+    "anchor": {"detector": "face", "attribute": "identity"},
+    "partner": {"detector": "gesture", "label": "wave"},
+    "within_s": 2,
+    "overlap": "min_ratio",
+    "min_overlap": 0.5,
+}
 CONFIG = ActionRules.model_validate(
     {
         "grace_s": GRACE_MS / 1000,
         "retain_s": 60,
         "rules": [
-            {
-                "kind": "pair",
-                "id": "greeting",
-                "action": "greeting",
-                "anchor": {"detector": "face", "attribute": "identity"},
-                "partner": {"detector": "gesture", "label": "wave"},
-                "within_s": 2,
-                "overlap": "min_ratio",
-                "min_overlap": 0.5,
-            },
+            PAIR,
             {
                 "kind": "sequence",
                 "id": "x-then-y",
@@ -338,3 +342,27 @@ def test_restart_from_the_table_re_emits_only_what_it_reads_again(
     # from there or earlier, they are published again, with the same ids.
     again = set(ids(before)) & set(ids(after))
     assert again == (set(ids(before)) if committed < cut else set())
+
+
+# The rules file.
+
+
+def test_rules_file_declares_valid_action_rules() -> None:
+    rules = load_rules(Path(__file__).parents[2] / "config/aggregation-rules.yml")
+    assert [rule.id for rule in rules.actions.rules] == ["greeting", "x-then-y"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"rules": [PAIR, PAIR]},  # one id twice
+        {"rules": [{**PAIR, "kind": "triple"}]},
+        {"rules": [{**PAIR, "min_overlap": 0}]},
+        {"rules": [{**PAIR, "within_s": -1}]},
+        {"rules": [{**PAIR, "anchor": {"detector": "robot"}}]},
+        {"grace_s": -1},
+    ],
+)
+def test_invalid_action_rules_are_refused(change: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        ActionRules.model_validate({**CONFIG.model_dump(), **change})
