@@ -33,6 +33,7 @@ from faust import Stream
 from faust.types import EventT, Message, StreamT
 from pydantic import ValidationError
 
+from agents.actions import act_on_batch, matcher
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Decision, Deduplicator, Span
@@ -172,6 +173,7 @@ async def deduplicate_batch(
 
     sink.detector_events(decisions)
     await _close_due(partition, outbox, force=False)
+    await act_on_batch(events, partition=partition, outbox=outbox)
 
 
 def _observe(event: DetectorEvent, partition: int, position: str) -> Decision:
@@ -318,7 +320,10 @@ async def _tick_idle_partitions() -> None:
     now_s = time.monotonic()
     topic_name = detector_events_topic.get_topic_name()
     for tp in app.assignor.assigned_actives():
-        if tp.topic != topic_name or not deduplicator.has_open(tp.partition):
+        waiting = deduplicator.has_open(tp.partition) or matcher.has_pending(
+            tp.partition
+        )
+        if tp.topic != topic_name or not waiting:
             continue
         if now_s - _last_event_s.get(tp.partition, now_s) < _rule.close_after_idle_s:
             continue

@@ -50,6 +50,8 @@ class WorkerCounters:
     late: int = 0
     published_open: int = 0
     published_closed: int = 0
+    actions_published: int = 0
+    actions_late: int = 0
 
     def reject(self, reason: str) -> None:
         """Count one rejected message."""
@@ -97,6 +99,8 @@ _COUNTER_HELP = {
     "late": "Events older than the watermark by more than the grace period.",
     "published_open": "Open observations published.",
     "published_closed": "Closed observations published.",
+    "actions_published": "Action events published (again after a restart too).",
+    "actions_late": "Events too late (watermark - grace) to join an action.",
 }
 
 

@@ -25,11 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ActionEvent",
     "AggregatedEvent",
     "BBox",
     "DetectorEvent",
     "DetectorKind",
+    "EpisodeEvent",
     "GroundPoint",
+    "PathPoint",
     "json_schema",
 ]
 
@@ -170,6 +173,75 @@ class AggregatedEvent(_Frozen):
         return f'{head[:-1]},"event":{self.event.json_text}}}'
 
 
+class ActionEvent(_Frozen):
+    """Several detector events of one camera that an action rule joined.
+
+    Published once, final, when the rule has decided (see
+    ``docs/event-patterns.md``). ``aggregated_id`` is
+    ``<rule_id>:<member event ids joined by "+">``: the same members always
+    give the same id, so a copy published again after a restart is
+    recognisable. ``members`` are in the rule's order (anchor then partner;
+    first then then); ``overlap`` is the box overlap a pair rule measured.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    aggregated_id: Identifier
+    type: Literal["action"] = "action"
+    status: Literal["closed"] = "closed"
+    rule_id: Identifier
+    kind: Literal["pair", "sequence"]
+    action: Identifier
+    camera_id: Identifier
+    site_id: Identifier | None = None
+    start_time_ms: int
+    end_time_ms: int
+    overlap: float | None = None
+    members: list[DetectorEvent] = Field(min_length=2)
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once."""
+        return self.model_dump_json()
+
+
+class PathPoint(_Frozen):
+    """One point of an episode's path: where an object was, when, seen by whom."""
+
+    time_ms: int
+    camera_id: Identifier
+    x_m: float
+    y_m: float
+
+
+class EpisodeEvent(_Frozen):
+    """One global object's stay, fused from its observations across cameras.
+
+    Published once, final, when the object has been quiet for the rule's
+    gap (see ``docs/event-patterns.md``). ``cameras`` are in the order
+    visited (a camera seen again after another appears again); ``path`` is
+    thinned; ``aggregated_id`` is ``episode:<global id>:<start ms>``.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    aggregated_id: Identifier
+    type: Literal["episode"] = "episode"
+    status: Literal["closed"] = "closed"
+    global_id: Identifier
+    site_id: Identifier | None = None
+    start_time_ms: int
+    end_time_ms: int
+    duration_ms: int = Field(ge=0)
+    cameras: list[str] = Field(min_length=1)
+    path: list[PathPoint] = Field(default_factory=list)
+    best_confidence: Confidence | None = None
+    observation_count: int = Field(ge=1)
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once."""
+        return self.model_dump_json()
+
+
 def json_schema() -> dict[str, object]:
     """Return the JSON Schema of every published model, as written to docs/."""
     return {
@@ -177,6 +249,8 @@ def json_schema() -> dict[str, object]:
         "schema_version": SCHEMA_VERSION,
         "DetectorEvent": DetectorEvent.model_json_schema(),
         "AggregatedEvent": AggregatedEvent.model_json_schema(),
+        "ActionEvent": ActionEvent.model_json_schema(),
+        "EpisodeEvent": EpisodeEvent.model_json_schema(),
     }
 
 

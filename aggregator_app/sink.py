@@ -39,17 +39,25 @@ from aggregator_app.app import app, settings
 from aggregator_app.dedup import Decision
 from aggregator_app.exceptions import StoreError
 from aggregator_app.metrics import latency
-from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.schema import (
+    ActionEvent,
+    AggregatedEvent,
+    DetectorEvent,
+    EpisodeEvent,
+)
 from aggregator_app.store import (
     EventStore,
     Outcome,
     StoreWriter,
+    action_event_row,
     aggregated_event_row,
     detector_event_row,
+    episode_event_row,
     open_store,
 )
 
 __all__ = [
+    "action_event",
     "aggregated_event",
     "aggregated_events",
     "backlog_rows",
@@ -57,6 +65,7 @@ __all__ = [
     "detector_event",
     "detector_events",
     "drop_expired",
+    "episode_event",
     "install_commit_barrier",
     "last_error",
     "store",
@@ -156,6 +165,18 @@ def aggregated_events(events: Sequence[AggregatedEvent]) -> None:
     writer().submit_aggregated(
         [aggregated_event_row(event, inserted_at_ms=inserted_at_ms) for event in events]
     )
+
+
+def action_event(event: ActionEvent) -> None:
+    """Record a published action event (in ``aggregated_events``)."""
+    row = action_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
+
+
+def episode_event(event: EpisodeEvent) -> None:
+    """Record a published episode (in ``aggregated_events``)."""
+    row = episode_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
 
 
 def backlog_rows() -> int:

@@ -1,10 +1,11 @@
 """The rules file (``config/aggregation-rules.yml``), validated when it is loaded.
 
 The file declares the detector sources (topic and adapter), the ingest limits,
-the deduplication rule and the metadata used for enrichment (sites, zones,
-cameras). Durations are given in the file with their unit in the name
-(``window_s``) and kept in that unit here; nothing downstream converts them
-again. A file that does not validate stops the worker at start with a
+the deduplication rule, the action rules (pairs of detectors, sequences) and
+the metadata used for enrichment (sites, zones, cameras). Durations are given
+in the file with their unit in the name (``window_s``) and kept in that unit
+here; nothing downstream converts them again. A file that does not validate
+stops the worker at start with a
 :class:`~aggregator_app.exceptions.ConfigError` naming the offending field.
 """
 
@@ -20,10 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aggregator_app.exceptions import ConfigError
 
 __all__ = [
+    "ActionRules",
     "CameraInfo",
     "DedupRule",
+    "EpisodeRule",
+    "EventMatch",
     "IngestLimits",
+    "PairRule",
     "RulesConfig",
+    "SequenceRule",
     "SiteInfo",
     "SourceConfig",
     "load_rules",
@@ -71,6 +77,108 @@ class DedupRule(_Strict):
     close_after_idle_s: PositiveSeconds = 10.0
 
 
+class EventMatch(_Strict):
+    """Which detector events play a part in an action rule; every field given must hold.
+
+    ``attribute`` names an attribute the event must carry with a value that
+    is not null (a face's ``identity``).
+    """
+
+    detector: Literal["person", "object", "vehicle", "face", "gesture"] | None = None
+    label: str | None = None
+    zone_id: str | None = None
+    attribute: str | None = None
+
+
+RuleId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class PairRule(_Strict):
+    """Two detectors seeing one thing at once: ``anchor`` and ``partner`` (any order).
+
+    An ``anchor`` event and a ``partner`` event of the same camera, at most
+    ``within_s`` apart in event time, with boxes overlapping by at least
+    ``min_overlap`` (``iou``: intersection over union; ``min_ratio``:
+    intersection over the smaller box), become one action. Each anchor
+    takes at most one partner and each partner serves at most one anchor
+    (see ``docs/event-patterns.md`` for which one).
+    """
+
+    kind: Literal["pair"]
+    id: RuleId
+    action: str = Field(description="label of the action events, e.g. greeting")
+    anchor: EventMatch
+    partner: EventMatch
+    within_s: PositiveSeconds
+    overlap: Literal["iou", "min_ratio"] = "iou"
+    min_overlap: Annotated[float, Field(gt=0, le=1)] = 0.1
+
+
+class SequenceRule(_Strict):
+    """``first`` then ``then`` within ``within_s``, with no ``unless`` in between.
+
+    The events must share the camera and, with ``same: tracker_id`` (the
+    default), the tracker id: one tracked thing goes from ``first`` to
+    ``then``.
+    """
+
+    kind: Literal["sequence"]
+    id: RuleId
+    action: str
+    first: EventMatch
+    then: EventMatch
+    unless: EventMatch | None = None
+    within_s: PositiveSeconds
+    same: Literal["tracker_id", "camera"] = "tracker_id"
+
+
+class ActionRules(_Strict):
+    """Cross-detector actions: rules that turn several events into one.
+
+    ``grace_s`` is how much older than the partition's watermark (event
+    time) an event may be and still take part; decisions wait for it.
+    ``retain_s`` is how long (event time) decided actions are remembered
+    after their last possible member, so that events read again after a
+    restart recognise them.
+    """
+
+    grace_s: NonNegativeSeconds = 5.0
+    retain_s: NonNegativeSeconds = 60.0
+    close_after_idle_s: PositiveSeconds = 10.0
+    rules: list[Annotated[PairRule | SequenceRule, Field(discriminator="kind")]] = (
+        Field(default_factory=list)
+    )
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ActionRules:
+        _require_unique("action rule id", [rule.id for rule in self.rules])
+        return self
+
+
+class EpisodeRule(_Strict):
+    """Temporal fusion of one global object's observations into episodes.
+
+    Observations are held in hopping windows of ``size_s`` every ``step_s``
+    (``size_s`` a multiple of ``step_s``); an episode ends when the object
+    has been quiet for ``gap_s`` of event time.
+    """
+
+    size_s: PositiveSeconds = 30.0
+    step_s: PositiveSeconds = 10.0
+    gap_s: PositiveSeconds = 15.0
+    grace_s: NonNegativeSeconds = 5.0
+    path_min_distance_m: NonNegativeSeconds = 0.5
+    path_max_points: Annotated[int, Field(ge=2, le=10_000)] = 50
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> EpisodeRule:
+        panes = self.size_s / self.step_s
+        if panes < 1 or abs(panes - round(panes)) > 1e-9:
+            raise ValueError("size_s must be a whole multiple of step_s")
+        return self
+
+
 class CameraInfo(_Strict):
     """What is known about one camera; used to accept and enrich its events."""
 
@@ -108,6 +216,8 @@ class RulesConfig(_Strict):
     ingest: IngestLimits = IngestLimits()
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     dedup: DedupRule = DedupRule()
+    actions: ActionRules = Field(default_factory=ActionRules)
+    episodes: EpisodeRule = Field(default_factory=EpisodeRule)
     sites: dict[str, SiteInfo] = Field(default_factory=dict)
     cameras: dict[str, CameraInfo] = Field(default_factory=dict)
 

@@ -27,8 +27,10 @@ from aggregator_app.store.base import (
     DetectorEventRow,
     EventStore,
     Outcome,
+    action_event_row,
     aggregated_event_row,
     detector_event_row,
+    episode_event_row,
 )
 from aggregator_app.store.embedded import DEFAULT_EMBEDDED_DIR, EmbeddedStore
 from aggregator_app.store.native import DEFAULT_NATIVE_PORT, NativeStore
@@ -44,8 +46,10 @@ __all__ = [
     "Outcome",
     "StoreWriter",
     "StoreWriterService",
+    "action_event_row",
     "aggregated_event_row",
     "detector_event_row",
+    "episode_event_row",
     "open_store",
 ]
 

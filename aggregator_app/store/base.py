@@ -22,7 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aggregator_app.exceptions import StoreError, StoreUnavailable
-from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.schema import (
+    ActionEvent,
+    AggregatedEvent,
+    DetectorEvent,
+    EpisodeEvent,
+)
 from aggregator_app.store.schema import (
     AGGREGATED_EVENTS,
     DETECTOR_EVENTS,
@@ -43,7 +48,9 @@ __all__ = [
     "DetectorEventRow",
     "EventStore",
     "Outcome",
+    "action_event_row",
     "aggregated_event_row",
+    "episode_event_row",
     "detector_event_row",
     "store_error_for_code",
 ]
@@ -251,6 +258,70 @@ def aggregated_event_row(
         tracker_id=inner.tracker_id or "",
         position_x_m=None if position is None else position.x_m,
         position_y_m=None if position is None else position.y_m,
+        payload=event.json_text,
+        version=inserted_at_ms,
+    )
+
+
+def action_event_row(event: ActionEvent, *, inserted_at_ms: int) -> AggregatedEventRow:
+    """Return the ``aggregated_events`` row of an action (``type = 'action'``).
+
+    Actions are final, so their status is ``closed``; the row's event fields
+    are the first member's, ``label`` is the action's name, ``absorbed_count``
+    the number of members; ``payload`` is the whole :class:`ActionEvent`.
+    """
+    first = event.members[0]
+    return AggregatedEventRow(
+        aggregated_id=event.aggregated_id,
+        status=event.status,
+        type=event.type,
+        rule_id=event.rule_id,
+        event_id=first.event_id,
+        detector=str(first.detector),
+        camera_id=event.camera_id,
+        site_id=event.site_id or "",
+        zone_id=first.zone_id or "",
+        label=event.action,
+        confidence=None,
+        event_time_ms=event.start_time_ms,
+        end_time_ms=event.end_time_ms,
+        absorbed_count=len(event.members),
+        tracker_id=first.tracker_id or "",
+        position_x_m=None,
+        position_y_m=None,
+        payload=event.json_text,
+        version=inserted_at_ms,
+    )
+
+
+def episode_event_row(
+    event: EpisodeEvent, *, inserted_at_ms: int
+) -> AggregatedEventRow:
+    """Return the ``aggregated_events`` row of an episode (``type = 'episode'``).
+
+    ``camera_id`` is the first camera visited, ``event_id`` and
+    ``tracker_id`` the global id, ``absorbed_count`` the observations,
+    ``position`` the path's last point; ``payload`` is the whole episode.
+    """
+    last = event.path[-1] if event.path else None
+    return AggregatedEventRow(
+        aggregated_id=event.aggregated_id,
+        status=event.status,
+        type=event.type,
+        rule_id="episodes",
+        event_id=event.global_id,
+        detector="",
+        camera_id=event.cameras[0],
+        site_id=event.site_id or "",
+        zone_id="",
+        label="episode",
+        confidence=event.best_confidence,
+        event_time_ms=event.start_time_ms,
+        end_time_ms=event.end_time_ms,
+        absorbed_count=event.observation_count,
+        tracker_id=event.global_id,
+        position_x_m=None if last is None else last.x_m,
+        position_y_m=None if last is None else last.y_m,
         payload=event.json_text,
         version=inserted_at_ms,
     )

@@ -1,0 +1,106 @@
+"""Temporal fusion's entry point: a batch of (global id, event) pairs in, episodes out.
+
+Cross-camera correlation gives detector events a global id. Where it
+publishes them (a topic keyed by global id, ``rules.partitions`` partitions),
+an agent iterating over batches of that topic calls :func:`fuse_batch` with
+the batch's pairs and its outbox, exactly as the dedup agent calls
+``deduplicate_batch``; the episode table (:mod:`tables.episodes`) is then
+co-partitioned with that topic. Correlation's per-site watermark, when it
+has one, goes to :func:`advance_site`.
+
+TODO: no agent calls :func:`fuse_batch` yet, because the global ids come
+from correlation, built on another branch; the mark goes when its agent
+calls it and an integration test shows episodes on the aggregated topic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aggregator_app import sink
+from aggregator_app.app import app, rules
+from aggregator_app.episodes import EpisodeFuser, Observation
+from aggregator_app.outbox import Outbox
+from aggregator_app.schema import DetectorEvent, EpisodeEvent
+from aggregator_app.topics import aggregated_topic
+from tables.episodes import EpisodePaneStore
+
+__all__ = ["advance_site", "fuse_batch", "fuser", "observation_of"]
+
+logger = logging.getLogger(__name__)
+
+fuser = EpisodeFuser(rules.episodes)
+_pane_store = EpisodePaneStore()
+
+
+def observation_of(global_id: str, event: DetectorEvent) -> Observation:
+    """Return what fusion keeps of an event: time, camera, position, confidence."""
+    position = event.position
+    return Observation(
+        event_time_ms=event.event_time_ms,
+        camera_id=event.camera_id,
+        global_id=global_id,
+        site_id=event.site_id or "",
+        x_m=None if position is None else position.x_m,
+        y_m=None if position is None else position.y_m,
+        confidence=event.confidence,
+        event_id=event.event_id,
+    )
+
+
+def advance_site(site_id: str | None, watermark_ms: int) -> None:
+    """Take a site's watermark from correlation (never moves it back)."""
+    fuser.advance(site_id or "", watermark_ms)
+
+
+async def fuse_batch(
+    pairs: Sequence[tuple[str, DetectorEvent]], *, partition: int, outbox: Outbox
+) -> list[EpisodeEvent]:
+    """Fuse one batch of ``partition``; publish and store the episodes it ends.
+
+    Must run inside the iteration of an agent over a batch of ``partition``
+    of a topic keyed by global id (see the module docstring). Returns the
+    episodes published.
+    """
+    for global_id, event in pairs:
+        fuser.observe(observation_of(global_id, event), partition=partition)
+    episodes = fuser.close_due()
+
+    for episode in episodes:
+        await outbox.send(
+            aggregated_topic.get_topic_name(),
+            key=episode.aggregated_id.encode(),
+            value=episode.json_text.encode(),
+            partition_key=episode.global_id.encode(),
+            timestamp_ms=episode.start_time_ms,
+        )
+        sink.episode_event(episode)
+
+    for key, _partition, observations in fuser.take_changes():
+        _pane_store.put(key, observations)
+    for raw_key, value in _pane_store.take_changelog():
+        await outbox.send(
+            _pane_store.changelog_topic,
+            key=raw_key,
+            value=value,
+            partition=partition,
+            on_sent=_pane_store.on_changelog_sent,
+        )
+    return episodes
+
+
+@_pane_store.table.on_recover
+async def _on_recovered() -> None:
+    """Load every pane this worker holds, before any record is processed."""
+    panes = 0
+    for key, observations in _pane_store.panes():
+        fuser.load(key, observations, partition=-1)
+        panes += 1
+    logger.info("episodes: panes restored: panes=%d", panes)
+
+
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]  # stub wants a positional-only sender
+async def _on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+    fuser.reset()
