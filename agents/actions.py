@@ -57,7 +57,10 @@ async def act_on_batch(
     now_s = time.monotonic()
     if events:
         _last_event_s[partition] = now_s
-        decided = matcher.observe_batch(events, partition=partition)
+        latest_ms = int((time.time() + rules.dedup.watermark_max_lead_s) * 1000)
+        decided = matcher.observe_batch(
+            events, partition=partition, latest_ms=latest_ms
+        )
     elif now_s - _last_event_s.get(partition, now_s) >= _idle_s():
         decided = matcher.decide_all(partition)
     else:

@@ -164,9 +164,10 @@ async def deduplicate_batch(
     if events:
         _last_event_s[partition] = time.monotonic()
 
+    latest_ms = int((time.time() + _rule.watermark_max_lead_s) * 1000)
     decisions: list[tuple[DetectorEvent, Decision]] = []
     for detector_event, position in events:
-        decision = _observe(detector_event, partition, position)
+        decision = _observe(detector_event, partition, position, latest_ms)
         decisions.append((detector_event, decision))
         if decision.outcome in ("kept", "reprocessed"):
             await _publish(detector_event, decision.span, "open", outbox)
@@ -176,12 +177,14 @@ async def deduplicate_batch(
     await act_on_batch(events, partition=partition, outbox=outbox)
 
 
-def _observe(event: DetectorEvent, partition: int, position: str) -> Decision:
+def _observe(
+    event: DetectorEvent, partition: int, position: str, latest_ms: int
+) -> Decision:
     watermark_ms = deduplicator.watermark_ms(partition)
     if watermark_ms is not None and event.event_time_ms < watermark_ms - _horizon_ms:
         counters.late += 1
 
-    decision = deduplicator.observe(event, partition, position)
+    decision = deduplicator.observe(event, partition, position, latest_ms=latest_ms)
     _count(decision)
     return decision
 

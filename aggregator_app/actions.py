@@ -192,9 +192,17 @@ class ActionMatcher:
         )
 
     def observe_batch(
-        self, events: Sequence[Positioned], *, partition: int
+        self,
+        events: Sequence[Positioned],
+        *,
+        partition: int,
+        latest_ms: int | None = None,
     ) -> list[ActionEvent]:
         """Take one batch of a partition's events; return the actions to publish.
+
+        ``latest_ms`` caps how far an event moves the watermark (the
+        worker's clock plus a small lead): a camera whose clock runs ahead
+        cannot decide the others' anchors early or make their events late.
 
         Steps:
             1. Re-emit the actions decided by records this batch reads again.
@@ -208,7 +216,7 @@ class ActionMatcher:
 
         # Step 2.
         for event, position in events:
-            self._observe(event, partition=partition)
+            self._observe(event, partition=partition, latest_ms=latest_ms)
             if position:
                 self._last_position[partition] = position
 
@@ -291,10 +299,14 @@ class ActionMatcher:
             roles += [f"{rule.id}/{role}" for role, m in parts if matches(event, m)]
         return roles
 
-    def _observe(self, event: DetectorEvent, *, partition: int) -> None:
+    def _observe(
+        self, event: DetectorEvent, *, partition: int, latest_ms: int | None
+    ) -> None:
         watermark_ms = self._watermark_ms.get(partition)
-        if watermark_ms is None or event.event_time_ms > watermark_ms:
-            self._watermark_ms[partition] = event.event_time_ms
+        time_ms = event.event_time_ms
+        advance_ms = time_ms if latest_ms is None else min(time_ms, latest_ms)
+        if watermark_ms is None or advance_ms > watermark_ms:
+            self._watermark_ms[partition] = advance_ms
 
         roles = self._roles(event)
         if not roles:

@@ -230,7 +230,12 @@ class Deduplicator:
         return self._watermark_ms.get(partition)
 
     def observe(
-        self, event: DetectorEvent, partition: int, position: str = ""
+        self,
+        event: DetectorEvent,
+        partition: int,
+        position: str = "",
+        *,
+        latest_ms: int | None = None,
     ) -> Decision:
         """Decide whether ``event`` is kept, a repeat or a redelivery.
 
@@ -240,14 +245,21 @@ class Deduplicator:
         the outcome is ``reprocessed``, and its observation may be published
         again, with the same id.
 
+        ``latest_ms`` caps how far the event moves the watermark: the
+        worker's clock plus a small lead. An event dated in the future (a
+        camera whose clock runs ahead) is deduplicated like any other, but
+        cannot close the partition's spans early or make its other cameras'
+        events late.
+
         Steps:
             1. Advance the partition's watermark.
             2. Find a span of any matching key that started within the window.
             3. Absorb the event into it, or open a new span.
         """
         time_ms = event.event_time_ms
-        if time_ms > self._watermark_ms.get(partition, -1):
-            self._watermark_ms[partition] = time_ms
+        advance_ms = time_ms if latest_ms is None else min(time_ms, latest_ms)
+        if advance_ms > self._watermark_ms.get(partition, -1):
+            self._watermark_ms[partition] = advance_ms
 
         own_key, keys = dedup_keys(event, self.rule)
         match = self._find_span(keys, time_ms, partition, _parse_position(position))

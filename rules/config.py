@@ -75,6 +75,8 @@ class DedupRule(_Strict):
     cell_size_m: PositiveSeconds = 1.0
     max_absorbed_ids: Annotated[int, Field(ge=0)] = 1000
     close_after_idle_s: PositiveSeconds = 10.0
+    #: How far ahead of the worker's clock an event may move the watermark.
+    watermark_max_lead_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
 
 
 class EventMatch(_Strict):

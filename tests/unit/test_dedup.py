@@ -236,3 +236,44 @@ def test_span_opened_by_a_later_record_does_not_absorb_an_earlier_one() -> None:
     earlier = dedup.observe(make_event(event_id="early"), 0, "t/0/4")
 
     assert earlier.outcome == "kept"
+
+
+def test_an_event_dated_ahead_of_the_clock_moves_no_watermark_past_it() -> None:
+    dedup = make_dedup()
+    now_ms = BASE_MS
+    dedup.observe(make_event(event_id="a"), partition=0, latest_ms=now_ms)
+
+    ahead = make_event(event_id="ahead", camera_id="cam-fast", time_ms=now_ms + 290_000)
+    decision = dedup.observe(ahead, partition=0, latest_ms=now_ms + 1000)
+
+    assert decision.outcome == "kept"
+    assert dedup.watermark_ms(0) == now_ms + 1000
+    assert dedup.close_due(partitions=[0]) == []
+    repeat = make_event(event_id="b", time_ms=now_ms + 2000)
+    assert dedup.observe(repeat, partition=0, latest_ms=now_ms + 3000).outcome == (
+        "repeat"
+    )
+
+
+@given(
+    lead_ms=st.integers(min_value=0, max_value=600_000),
+    times_ms=st.lists(st.integers(min_value=0, max_value=60_000), max_size=20),
+)
+def test_property_the_watermark_never_passes_the_cap(
+    lead_ms: int, times_ms: list[int]
+) -> None:
+    dedup = make_dedup()
+    cap_ms = BASE_MS + 30_000
+
+    for index, offset_ms in enumerate(times_ms):
+        event = make_event(event_id=f"e{index}", time_ms=BASE_MS + offset_ms)
+        dedup.observe(event, partition=0, latest_ms=cap_ms)
+    dedup.observe(
+        make_event(event_id="far", tracker_id="x", time_ms=cap_ms + lead_ms),
+        partition=0,
+        latest_ms=cap_ms,
+    )
+
+    watermark_ms = dedup.watermark_ms(0)
+    assert watermark_ms is not None
+    assert watermark_ms <= cap_ms
