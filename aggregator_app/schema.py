@@ -38,8 +38,13 @@ __all__ = [
 
 SCHEMA_VERSION: Final = 1
 
-Identifier = Annotated[str, Field(min_length=1, max_length=256)]
-Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+#: An id or a name: printable, no control characters (a NUL cuts strings short
+#: in C code downstream, a newline forges log lines).
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+#: A number in [0, 1]; a JSON ``true`` is no confidence (strict: no bool).
+Confidence = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]
 AttributeValue = str | int | float | bool | None
 
 

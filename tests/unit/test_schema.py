@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from aggregator_app.schema import (
     AggregatedEvent,
@@ -32,7 +34,9 @@ def test_docs_schema_is_generated_from_the_models() -> None:
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 unit = st.floats(min_value=0.0, max_value=1.0)
-identifiers = st.text(min_size=1, max_size=40)
+identifiers = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=40
+)
 
 
 @st.composite
@@ -108,3 +112,24 @@ def test_a_changed_copy_makes_its_own_json() -> None:
 
     assert '"cam-2"' in moved.json_text
     assert '"cam-1"' in event.json_text
+
+
+@pytest.mark.parametrize("event_id", ["a\x00b", "line\nbreak", "\x7f"])
+def test_an_identifier_with_a_control_character_is_refused(event_id: str) -> None:
+    with pytest.raises(ValidationError):
+        DetectorEvent(
+            event_id=event_id,
+            detector=DetectorKind.PERSON,
+            source="unified",
+            camera_id="cam-1",
+            event_time_ms=1,
+            label="person",
+        )
+
+
+def test_a_boolean_is_no_confidence() -> None:
+    with pytest.raises(ValidationError):
+        DetectorEvent.model_validate_json(
+            '{"event_id": "e", "detector": "person", "source": "unified",'
+            ' "camera_id": "c", "event_time_ms": 1, "label": "p", "confidence": true}'
+        )
