@@ -158,7 +158,8 @@ async def route(
     """Answer ``query`` here if this worker owns its partition, else ask the owner.
 
     1. Find the partition the parameters name, and the worker holding it.
-    2. This worker, or a request already forwarded once: answer locally.
+    2. This worker: answer locally. A request already forwarded once is
+       never forwarded again: 503 if this worker does not hold the partition.
     3. Otherwise forward the request (path, query, headers) and relay the answer.
     """
     # Step 1.
@@ -171,8 +172,19 @@ async def route(
     own_url = str(app.conf.canonical_url)
 
     # Step 2.
-    if owner is None or _same_node(app, owner) or ROUTED_HEADER in headers:
+    if owner is None or _same_node(app, owner):
         return await _local_answer(query, params, partition=partition, own_url=own_url)
+    if ROUTED_HEADER in headers:
+        # Forwarded here, but the partition has moved on (a rebalance), or
+        # the header was sent by hand: an empty answer would look like state.
+        return Answer(
+            503,
+            {
+                "error": "this worker does not hold the partition; retry",
+                "partition": partition,
+                "owner": str(owner),
+            },
+        )
 
     # Step 3.
     return await _forward(

@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from faust.web import Request, Response, View
@@ -36,7 +37,7 @@ from faust.web import Request, Response, View
 from agents.dedup import in_flight
 from aggregator_app import sink
 from aggregator_app.app import app, rules, settings
-from aggregator_app.exceptions import InvalidQuery
+from aggregator_app.exceptions import InvalidQuery, StoreError
 from aggregator_app.health import consumer_lag, readiness
 from aggregator_app.metrics import (
     LabelledGauge,
@@ -95,7 +96,11 @@ class SummaryView(View):
     """Counters and stored rows, as the demo job prints them."""
 
     async def get(self, request: Request) -> Response:
-        stored = await asyncio.to_thread(sink.stored_counts)
+        try:
+            stored = await asyncio.to_thread(sink.stored_counts)
+        except StoreError as exc:
+            # The counters still answer while the store is down.
+            return self.json({"counts": _counts(), "stored": None, "error": str(exc)})
         return self.json({"counts": _counts(), "stored": stored})
 
 
@@ -114,7 +119,10 @@ def _dedup_partition(params: Params) -> int:
     key = params.get("key", "")
     if not 0 < len(key) <= _MAX_KEY_CHARS:
         raise InvalidQuery(f"key must be 1..{_MAX_KEY_CHARS} characters")
-    camera_id = params.get("camera_id") or key.split("|", 1)[0]
+    key_camera_id = key.split("|", 1)[0]
+    camera_id = params.get("camera_id") or key_camera_id
+    if camera_id != key_camera_id:
+        raise InvalidQuery("camera_id must be the camera the key starts with")
     return partition_for_camera(camera_id)
 
 
@@ -131,6 +139,8 @@ def _dedup_answer(params: Params) -> dict[str, Any]:
     spans_store = TableSpanStore(dedup_table)
     windows = []
     for start_ms in (first_ms, first_ms + window_ms, first_ms + 2 * window_ms):
+        if start_ms < 0:
+            continue
         spans = spans_store.get((key, start_ms)) or []
         windows.append(
             {"start_ms": start_ms, "spans": [span.to_json() for span in spans]}
@@ -154,13 +164,18 @@ async def _table_response(view: View, request: Request, name: str) -> Response:
     query = table_queries.get(name)
     if query is None:
         return view.error(404, f"no such table: {name}")
+    # A multidict: a key given twice is listed twice among its items.
+    given = Counter(name for name, _value in request.query.items())
+    repeated = sorted(key for key, times in given.items() if times > 1)
+    if repeated:
+        return view.error(400, f"parameters given more than once: {repeated}")
     params = {key: value for key, value in request.query.items()}
     answer = await route(
         app,
         query,
         params,
         path_qs=str(request.rel_url),
-        headers=dict(request.headers),
+        headers={name.lower(): value for name, value in request.headers.items()},
     )
     return view.json(answer.body, status=answer.status)
 

@@ -176,6 +176,19 @@ def test_any_worker_answers_for_a_key_the_other_owns(
     )
     assert status == 200 and old_address["table"] == "dedup"
 
+    # A request marked as forwarded, sent to a worker that does not hold the
+    # key's partition, gets an error, not an empty answer.
+    partition = min(served_by[port_of(first.url)])
+    key, _ = dedup_keys(latest[partition], RULES.dedup)
+    query = urllib.parse.urlencode({"key": key, "time_ms": 0})
+    forged = urllib.request.Request(
+        f"{second.url}/aggregator/tables/dedup/?{query}",
+        headers={"x-aggregator-routed-from": "http://elsewhere:1"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(forged, timeout=10)
+    assert refused.value.code == 503
+
 
 def test_table_queries_validate_their_parameters(
     worker_factory: Callable[..., Any],
@@ -185,11 +198,19 @@ def test_table_queries_validate_their_parameters(
     missing = get_json(f"{worker.url}/aggregator/tables/dedup/?time_ms=1")
     bad_time = get_json(f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=x")
     unknown = get_json(f"{worker.url}/aggregator/tables/nope/?key=a")
+    twice = get_json(
+        f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=1&time_ms=2"
+    )
+    other_camera = get_json(
+        f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=1&camera_id=zzz"
+    )
     index = get_json(f"{worker.url}/aggregator/tables/")
 
     assert missing[0] == 400 and "key" in missing[1]["error"]
     assert bad_time[0] == 400 and "time_ms" in bad_time[1]["error"]
     assert unknown[0] == 404
+    assert twice[0] == 400 and "time_ms" in twice[1]["error"]
+    assert other_camera[0] == 400 and "camera_id" in other_camera[1]["error"]
     assert index == (
         200,
         {
