@@ -97,10 +97,20 @@ def decode_object(payload: bytes) -> JsonObject:
         raise _json_error(payload, exc) from None
 
     if not isinstance(decoded, dict):
-        raise RejectedEvent(
-            "wrong_type", f"payload is a JSON {type(decoded).__name__}, not an object"
-        )
+        kind = _JSON_KINDS.get(type(decoded), type(decoded).__name__)
+        raise RejectedEvent("wrong_type", f"payload is JSON {kind}, not an object")
     return decoded
+
+
+#: How JSON names what a payload decoded to (Python's names are not JSON's).
+_JSON_KINDS = {
+    type(None): "null",
+    bool: "true or false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+}
 
 
 def _json_error(payload: bytes, exc: orjson.JSONDecodeError) -> RejectedEvent:
@@ -110,6 +120,8 @@ def _json_error(payload: bytes, exc: orjson.JSONDecodeError) -> RejectedEvent:
             "non_finite_number",
             f"JSON holds NaN or Infinity, which JSON forbids: {exc}",
         )
+    if "utf-8" in str(exc).lower():
+        return RejectedEvent("broken_json", f"payload is not UTF-8 text: {exc}")
     return RejectedEvent("broken_json", str(exc))
 
 
