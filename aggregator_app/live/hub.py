@@ -45,7 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _FETCH_TIMEOUT_MS = 500
-_MAX_RECORDS = 2000
+_MAX_RECORDS = 1000
+_FAN_OUT_CHUNK = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +284,12 @@ class Hub:
                 await asyncio.sleep(1.0)
                 continue
             for tp, records in batches.items():
-                self._fan_out(self._index[tp], records)
+                index = self._index[tp]
+                for first in range(0, len(records), _FAN_OUT_CHUNK):
+                    self._fan_out(index, records[first : first + _FAN_OUT_CHUNK])
+                    # Let the clients' connections write before the next chunk:
+                    # a burst read from the topic must not fill a healthy queue.
+                    await asyncio.sleep(0)
 
     def _fan_out(self, index: int, records: Sequence[ConsumerRecord]) -> None:
         """Offer a partition's records to every client, in order, without waiting."""

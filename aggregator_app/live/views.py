@@ -17,7 +17,7 @@ it starts at, then sends the records, each with the cursor after it:
 
 A client whose queue fills (``AGGREGATOR_STREAM_QUEUE_EVENTS``) is dropped: it
 gets a ``dropped`` message with the reason and the cursor of the last record
-it was sent (within a second, if it reads at all), then the connection
+it was sent (if it reads within five seconds), then the connection
 closes (WebSocket close code 4008).
 """
 
@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -53,8 +54,9 @@ logger = logging.getLogger(__name__)
 
 #: WebSocket close code of a client dropped as too slow (private range).
 DROPPED_CLOSE_CODE = 4008
-_FAREWELL_TIMEOUT_S = 1.0
-_ABORT_AFTER_S = 5.0
+_FAREWELL_TIMEOUT_S = 5.0
+_ABORT_AFTER_S = 10.0
+_POLL_S = 0.5
 _SSE_RETRY_MS = 2000
 _DASHBOARD = Path(__file__).with_name("dashboard.html")
 
@@ -161,14 +163,21 @@ async def _pump(
             else:
                 await connection.send(item)
 
+    # aiohttp does not cancel a handler whose client left; an idle stream
+    # looks at its connection every poll, and heartbeats when due.
     heartbeat_s = settings.stream_heartbeat_ms / 1000
+    poll_s = min(heartbeat_s, _POLL_S)
+    idle_since_s = time.monotonic()
     while not connection.closed:
         try:
-            item = await asyncio.wait_for(subscriber.queue.get(), heartbeat_s)
+            item = await asyncio.wait_for(subscriber.queue.get(), poll_s)
         except TimeoutError:
-            await connection.heartbeat()
+            if time.monotonic() - idle_since_s >= heartbeat_s:
+                await connection.heartbeat()
+                idle_since_s = time.monotonic()
             continue
         await connection.send(item)
+        idle_since_s = time.monotonic()
 
 
 def _cancel(task: asyncio.Future[None]) -> None:
@@ -250,7 +259,14 @@ def _close_transport(request: web.Request) -> None:
     if transport is None or transport.is_closing():
         return
     transport.close()
-    asyncio.get_running_loop().call_later(_ABORT_AFTER_S, transport.abort)
+    asyncio.get_running_loop().call_later(_ABORT_AFTER_S, _abort, transport)
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    """Abort a transport that did not close; one that did has no loop to call."""
+    if isinstance(transport, asyncio.Transport):
+        with contextlib.suppress(AttributeError, RuntimeError):
+            transport.abort()
 
 
 # WebSocket.
