@@ -145,13 +145,16 @@ class Subscriber:
             return False
         return True
 
-    def drop(self, reason: str) -> None:
-        """Stop queueing for this client and tell its connection."""
+    def drop(self, reason: str, *, too_slow: bool = True) -> None:
+        """Stop queueing for this client and tell its connection.
+
+        ``too_slow``: counted as a dropped client (not so when the worker stops).
+        """
         if self.dropped_reason is not None:
             return
         self.dropped_reason = reason
         if self._hub is not None:
-            self._hub.remove(self, dropped=True)
+            self._hub.remove(self, dropped=too_slow)
         if self.on_drop is not None:
             self.on_drop()
 
@@ -221,7 +224,7 @@ class Hub:
     async def stop(self) -> None:
         """Stop reading and drop every client."""
         for subscriber in list(self.subscribers):
-            subscriber.drop("the worker is stopping")
+            subscriber.drop("the worker is stopping", too_slow=False)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
