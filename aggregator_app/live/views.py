@@ -73,6 +73,8 @@ class _Connection(Protocol):
 
     async def send(self, item: Item) -> None: ...
 
+    async def send_all(self, items: list[Item]) -> None: ...
+
     async def notice(self, kind: str, body: dict[str, Any]) -> None: ...
 
     async def heartbeat(self) -> None: ...
@@ -168,15 +170,21 @@ async def _pump(
     heartbeat_s = settings.stream_heartbeat_ms / 1000
     poll_s = min(heartbeat_s, _POLL_S)
     idle_since_s = time.monotonic()
+    queue = subscriber.queue
     while not connection.closed:
-        try:
-            item = await asyncio.wait_for(subscriber.queue.get(), poll_s)
-        except TimeoutError:
-            if time.monotonic() - idle_since_s >= heartbeat_s:
-                await connection.heartbeat()
-                idle_since_s = time.monotonic()
-            continue
-        await connection.send(item)
+        items = []
+        if queue.empty():
+            try:
+                items.append(await asyncio.wait_for(queue.get(), poll_s))
+            except TimeoutError:
+                if time.monotonic() - idle_since_s >= heartbeat_s:
+                    await connection.heartbeat()
+                    idle_since_s = time.monotonic()
+                continue
+        # Everything queued goes in one write: a burst costs one wait, not one
+        # per event.
+        items.extend(queue.get_nowait() for _ in range(queue.qsize()))
+        await connection.send_all(items)
         idle_since_s = time.monotonic()
 
 
@@ -212,6 +220,10 @@ class _SseConnection:
     async def send(self, item: Item) -> None:
         await self._response.write(item.sse_frame)
         self.last_cursor = item.cursor
+
+    async def send_all(self, items: list[Item]) -> None:
+        await self._response.write(b"".join(item.sse_frame for item in items))
+        self.last_cursor = items[-1].cursor
 
     async def notice(self, kind: str, body: dict[str, Any]) -> None:
         frame = f"event: {kind}\ndata: {json.dumps(body)}\n"
@@ -284,6 +296,10 @@ class _WsConnection:
     async def send(self, item: Item) -> None:
         await self._ws.send_str(item.ws_text)
         self.last_cursor = item.cursor
+
+    async def send_all(self, items: list[Item]) -> None:
+        for item in items:
+            await self.send(item)
 
     async def notice(self, kind: str, body: dict[str, Any]) -> None:
         await self._ws.send_str(json.dumps({"kind": kind, **body}))
