@@ -198,8 +198,9 @@ class Hub:
     async def ensure_started(self) -> None:
         """Start reading, at the topics' ends, unless already reading."""
         async with self._lock:
-            if self._task is not None:
+            if self._task is not None and not self._task.done():
                 return
+            await self._close_consumer()
             if self._before_start is not None:
                 await self._before_start()
             consumer = AIOKafkaConsumer(
@@ -214,12 +215,28 @@ class Hub:
             self.positions = [await consumer.position(tp) for tp in self.tps]
             self._consumer = consumer
             self._task = asyncio.create_task(self._read(), name=f"hub-{self.name}")
+            self._task.add_done_callback(self._on_read_end)
             logger.info(
                 "live: hub started: stream=%s partitions=%d positions=%s",
                 self.name,
                 len(self.tps),
                 format_cursor(self.name, self.positions),
             )
+
+    def _on_read_end(self, task: asyncio.Task[None]) -> None:
+        """Drop the clients of a hub that failed; the next client restarts it."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error(
+            "live: hub stopped reading: stream=%s error=%r", self.name, task.exception()
+        )
+        for subscriber in list(self.subscribers):
+            subscriber.drop("the stream failed; reconnect", too_slow=False)
+
+    async def _close_consumer(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
 
     async def stop(self) -> None:
         """Stop reading and drop every client."""
@@ -229,9 +246,7 @@ class Hub:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        await self._close_consumer()
 
     # Clients.
 

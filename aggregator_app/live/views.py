@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from aiohttp import WSMsgType, web
+from aiokafka.errors import KafkaError
 from faust.web import Request, Response, View
 
 from aggregator_app.access import cors_headers, load_access
 from aggregator_app.app import app, settings
-from aggregator_app.exceptions import InvalidQuery
+from aggregator_app.exceptions import InvalidQuery, StreamUnavailable
 from aggregator_app.live.cursor import format_cursor, parse_cursor
 from aggregator_app.live.filters import StreamFilter
 from aggregator_app.live.hub import Gap, Hub, Item, Subscriber
@@ -58,6 +59,7 @@ DROPPED_CLOSE_CODE = 4008
 _FAREWELL_TIMEOUT_S = 5.0
 _ABORT_AFTER_S = 10.0
 _POLL_S = 0.5
+_START_TIMEOUT_S = 15.0
 #: The kernel's send buffer of a stream connection. Left to autotuning it grows
 #: to megabytes on a stalled connection, which then takes that long to notice;
 #: 256 KiB still carries 2.5 MB/s over a 100 ms round trip.
@@ -103,6 +105,15 @@ def _open_stream(request: web.Request) -> tuple[Hub, StreamFilter, list[int] | N
     return hub, stream_filter, cursor
 
 
+async def _start(hub: Hub) -> None:
+    """Start the hub's reading; a broker that does not answer is a 503."""
+    try:
+        await asyncio.wait_for(hub.ensure_started(), _START_TIMEOUT_S)
+    except (KafkaError, TimeoutError) as exc:
+        logger.warning("live: stream not started: stream=%s error=%r", hub.name, exc)
+        raise StreamUnavailable(f"the stream cannot be read now: {exc!r}") from exc
+
+
 async def serve(
     connection: _Connection,
     hub: Hub,
@@ -111,13 +122,13 @@ async def serve(
 ) -> None:
     """Stream to one client until it leaves or is dropped.
 
-    1. Subscribe, so that every record from now on is queued for it.
+    1. Subscribe (the hub is started), so that every record from now on is
+       queued for it.
     2. Send ``ready`` and, when resuming, the records from its cursor up to
        the subscription (the catch-up), then the queue, with heartbeats.
     3. If the hub dropped it, tell it why and where it got to.
     """
     # Step 1.
-    await hub.ensure_started()
     subscriber = hub.subscribe(
         stream_filter, queue_events=settings.stream_queue_events, cursor=cursor
     )
@@ -248,6 +259,7 @@ class EventStreamView(View):
         request = cast(web.Request, faust_request)  # the aiohttp driver's request
         try:
             hub, stream_filter, cursor = _open_stream(request)
+            await _start(hub)
         except InvalidQuery as exc:
             return self.json({"error": str(exc)}, status=exc.status)
 
@@ -331,6 +343,7 @@ class WebSocketStreamView(View):
         request = cast(web.Request, faust_request)  # the aiohttp driver's request
         try:
             hub, stream_filter, cursor = _open_stream(request)
+            await _start(hub)
         except InvalidQuery as exc:
             return self.json({"error": str(exc)}, status=exc.status)
 
