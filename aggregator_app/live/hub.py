@@ -209,10 +209,14 @@ class Hub:
                 group_id=None,
                 max_partition_fetch_bytes=4 * 1024 * 1024,
             )
-            await consumer.start()
-            consumer.assign(self.tps)
-            await consumer.seek_to_end(*self.tps)
-            self.positions = [await consumer.position(tp) for tp in self.tps]
+            try:
+                await consumer.start()
+                consumer.assign(self.tps)
+                await consumer.seek_to_end(*self.tps)
+                self.positions = [await consumer.position(tp) for tp in self.tps]
+            except BaseException:  # a broker down, or the caller gave up waiting
+                await asyncio.shield(consumer.stop())
+                raise
             self._consumer = consumer
             self._task = asyncio.create_task(self._read(), name=f"hub-{self.name}")
             self._task.add_done_callback(self._on_read_end)
