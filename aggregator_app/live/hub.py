@@ -168,6 +168,8 @@ class Hub:
         decode: what a record holds for clients, ``None`` to skip it.
         bootstrap: Kafka's bootstrap servers.
         before_start: awaited before the first read (e.g. declare the topic).
+        idle_stop_s: stop reading this long after the last client left
+            (``None``: read on once started).
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class Hub:
         decode: Decode,
         bootstrap: str,
         before_start: Callable[[], Awaitable[None]] | None = None,
+        idle_stop_s: float | None = None,
     ) -> None:
         self.name = name
         self.tps = [TopicPartition(t, p) for t in topics for p in range(partitions)]
@@ -192,6 +195,8 @@ class Hub:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._idle_stop_s = idle_stop_s
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     # Lifecycle.
 
@@ -283,6 +288,7 @@ class Hub:
         """Forget a client (it left, or it was dropped)."""
         if subscriber in self.subscribers:
             self.subscribers.discard(subscriber)
+            self._stop_later_if_idle()
             if dropped:
                 self.stats.clients_dropped += 1
                 logger.warning(
@@ -291,6 +297,30 @@ class Hub:
                     subscriber.dropped_reason,
                     len(self.subscribers),
                 )
+
+    def _stop_later_if_idle(self) -> None:
+        if self.subscribers or self._idle_stop_s is None:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self._idle_stop_s, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle_timer = None
+        if not self.subscribers and self._task is not None:
+            asyncio.ensure_future(self._stop_reading_if_idle())
+
+    async def _stop_reading_if_idle(self) -> None:
+        """Stop reading when no client came back; the next one starts it again."""
+        async with self._lock:
+            if self.subscribers or self._task is None:
+                return
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            await self._close_consumer()
+            logger.info("live: hub stopped, no client left: stream=%s", self.name)
 
     # Reading.
 

@@ -13,7 +13,7 @@ has no order to resume from. A message carries the events of one detector
 record; it passes a filter when one of them does (``type`` there is the
 detector kind: ``person``, ``vehicle``, ...). A record the adapters reject
 is not streamed (it is on the dead-letter topic). A worker reads the detector
-topics only once a client has asked for them.
+topics only while a client watches them, and a minute after the last one left.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from rules.config import SourceConfig
 __all__ = ["aggregated_hub", "decode_aggregated", "detector_hub", "hubs"]
 
 logger = logging.getLogger(__name__)
+
+#: The detector topics are read while someone watches, and this long after.
+_DETECTOR_IDLE_STOP_S = 60.0
 
 
 def decode_aggregated(record: ConsumerRecord) -> Decoded | None:
@@ -115,6 +118,7 @@ detector_hub = Hub(
     partitions=rules.partitions,
     decode=decode_detector,
     bootstrap=settings.kafka_bootstrap,
+    idle_stop_s=_DETECTOR_IDLE_STOP_S,
 )
 hubs = {"aggregated": aggregated_hub, "detector": detector_hub}
 

@@ -129,6 +129,7 @@ async def serve(
     3. If the hub dropped it, tell it why and where it got to.
     """
     # Step 1.
+    await hub.ensure_started()  # again: it may have stopped, idle, since
     subscriber = hub.subscribe(
         stream_filter, queue_events=settings.stream_queue_events, cursor=cursor
     )
