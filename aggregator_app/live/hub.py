@@ -34,6 +34,7 @@ from aggregator_app.live.cursor import format_cursor
 from aggregator_app.live.filters import Facets, StreamFilter
 
 __all__ = [
+    "TOO_SLOW",
     "Decoded",
     "Gap",
     "Hub",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: The start of the reason given to a client dropped because its queue filled.
+TOO_SLOW = "too slow"
 
 _FETCH_TIMEOUT_MS = 500
 _MAX_RECORDS = 1000
@@ -141,7 +145,7 @@ class Subscriber:
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self.drop(f"too slow: {self.queue.maxsize} events waiting")
+            self.drop(f"{TOO_SLOW}: {self.queue.maxsize} events waiting")
             return False
         return True
 

@@ -41,7 +41,7 @@ from aggregator_app.app import app, settings
 from aggregator_app.exceptions import InvalidQuery, StreamUnavailable
 from aggregator_app.live.cursor import format_cursor, parse_cursor
 from aggregator_app.live.filters import StreamFilter
-from aggregator_app.live.hub import Gap, Hub, Item, Subscriber
+from aggregator_app.live.hub import TOO_SLOW, Gap, Hub, Item, Subscriber
 from aggregator_app.live.streams import hubs
 
 __all__ = [
@@ -59,6 +59,7 @@ DROPPED_CLOSE_CODE = 4008
 _FAREWELL_TIMEOUT_S = 5.0
 _ABORT_AFTER_S = 10.0
 _POLL_S = 0.5
+_MAX_CLOSE_REASON_BYTES = 120  # a close frame's reason: at most 123
 _START_TIMEOUT_S = 15.0
 #: The kernel's send buffer of a stream connection. Left to autotuning it grows
 #: to megabytes on a stalled connection, which then takes that long to notice;
@@ -119,8 +120,8 @@ async def serve(
     hub: Hub,
     stream_filter: StreamFilter,
     cursor: list[int] | None,
-) -> None:
-    """Stream to one client until it leaves or is dropped.
+) -> str | None:
+    """Stream to one client until it leaves or is dropped; return why it was.
 
     1. Subscribe (the hub is started), so that every record from now on is
        queued for it.
@@ -161,6 +162,7 @@ async def serve(
             await asyncio.wait_for(
                 connection.notice("dropped", farewell), _FAREWELL_TIMEOUT_S
             )
+    return subscriber.dropped_reason
 
 
 async def _pump(
@@ -362,7 +364,8 @@ class WebSocketStreamView(View):
             if task not in done:
                 task.cancel()
         await asyncio.gather(streaming, reading, return_exceptions=True)
-        await _close_ws(ws, dropped=streaming in done and not reading.done())
+        ended = streaming in done and streaming.exception() is None
+        await _close_ws(ws, dropped_reason=streaming.result() if ended else None)
         _close_transport(request)
         return ws  # type: ignore[return-value]  # aiohttp's, prepared here
 
@@ -374,11 +377,14 @@ async def _read_until_closed(ws: web.WebSocketResponse) -> None:
             break
 
 
-async def _close_ws(ws: web.WebSocketResponse, *, dropped: bool) -> None:
+async def _close_ws(ws: web.WebSocketResponse, *, dropped_reason: str | None) -> None:
+    """Close with 4008 for a client dropped as too slow, 1001 when the worker goes."""
     if ws.closed:
         return
-    code = DROPPED_CLOSE_CODE if dropped else 1000
-    message = b"dropped: too slow" if dropped else b""
+    code, message = 1000, b""
+    if dropped_reason is not None:
+        code = DROPPED_CLOSE_CODE if dropped_reason.startswith(TOO_SLOW) else 1001
+        message = f"dropped: {dropped_reason}".encode()[:_MAX_CLOSE_REASON_BYTES]
     with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
         await asyncio.wait_for(ws.close(code=code, message=message), 1.0)
 

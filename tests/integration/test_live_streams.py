@@ -276,35 +276,48 @@ def test_resume_by_last_event_id_and_cursor_misses_and_repeats_nothing(
         assert set(ids) == expected
 
 
-def test_a_stalled_client_is_dropped_and_told_while_another_keeps_receiving(
+def stalled_client(worker: Any, request_head: str) -> socket.socket:
+    """Return a connection that sent its request and will read nothing."""
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", int(worker.env["AGGREGATOR_WEB_PORT"])))
+    stalled.sendall(f"{request_head}Host: 127.0.0.1\r\n\r\n".encode())
+    return stalled
+
+
+def test_stalled_clients_are_dropped_and_told_while_another_keeps_receiving(
     worker_factory: Callable[..., Any], kafka_bootstrap: str
 ) -> None:
     worker = worker_factory(AGGREGATOR_STREAM_QUEUE_EVENTS="50")
     topic = worker.topic("aggregated-events")
     count = 4000
-
-    stalled = socket.socket()
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled.connect(("127.0.0.1", int(worker.env["AGGREGATOR_WEB_PORT"])))
-    stalled.sendall(
-        f"GET /aggregator/stream/events/?token={worker.token} HTTP/1.1\r\n"
-        "Host: 127.0.0.1\r\n\r\n".encode()
+    token = worker.token
+    stalled_sse = stalled_client(
+        worker, f"GET /aggregator/stream/events/?token={token} HTTP/1.1\r\n"
+    )
+    stalled_ws = stalled_client(
+        worker,
+        f"GET /aggregator/stream/ws/?token={token} HTTP/1.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: c3RhbGxlZC1jbGllbnQtMQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n",
     )
 
-    def read_once_dropped() -> bytes:
-        """Read nothing until the worker drops this client, then read it all."""
+    def read_once_dropped(stalled: socket.socket) -> bytes:
+        """Read nothing until the worker drops both, then read it all."""
         wait_for(
-            lambda: worker.counts()["stream_clients_dropped"] == 1,
+            lambda: worker.counts()["stream_clients_dropped"] == 2,
             timeout_s=TIMEOUT_S,
-            what="the stalled client dropped",
+            what="the stalled clients dropped",
         )
         stalled.settimeout(15.0)
         received = b""
         while chunk := stalled.recv(65536):
             received += chunk
+        stalled.close()
         return received
 
-    async def run() -> tuple[list[Any], bytes]:
+    async def run() -> tuple[list[Any], bytes, bytes]:
         async with aiohttp.ClientSession() as session:
             healthy = asyncio.create_task(
                 read_sse(
@@ -316,24 +329,30 @@ def test_a_stalled_client_is_dropped_and_told_while_another_keeps_receiving(
             )
             await asyncio.to_thread(
                 wait_for,
-                lambda: worker.counts()["stream_clients"] == 2,
+                lambda: worker.counts()["stream_clients"] == 3,
                 timeout_s=TIMEOUT_S,
-                what="both clients connected",
+                what="the clients connected",
             )
-            stalled_reading = asyncio.create_task(asyncio.to_thread(read_once_dropped))
+            readers = [
+                asyncio.create_task(asyncio.to_thread(read_once_dropped, stalled))
+                for stalled in (stalled_sse, stalled_ws)
+            ]
             await produce(kafka_bootstrap, topic, *synthetic(0, count), per_s=2000)
             events, _ = await asyncio.wait_for(healthy, TIMEOUT_S)
-            received = await asyncio.wait_for(stalled_reading, TIMEOUT_S)
-        return events, received
+            sse, ws = await asyncio.wait_for(asyncio.gather(*readers), TIMEOUT_S)
+        return events, sse, ws
 
-    events, received = asyncio.run(run())
-    stalled.close()
+    events, sse, ws = asyncio.run(run())
 
     assert len(events) == count
     assert len({event["aggregated_id"] for _, event in events}) == count
-    assert b"event: dropped" in received
-    farewell = received.split(b"event: dropped\ndata: ", 1)[1].split(b"\n", 1)[0]
+    farewell = sse.split(b"event: dropped\ndata: ", 1)[1].split(b"\n", 1)[0]
     assert json.loads(farewell)["reason"].startswith("too slow")
+    assert json.loads(farewell)["cursor"].startswith("a:")
+    assert b'"kind": "dropped", "reason": "too slow' in ws
+    reason = b"dropped: too slow: 50 events waiting"
+    close_frame = bytes([0x88, 2 + len(reason)]) + (4008).to_bytes(2, "big") + reason
+    assert close_frame in ws
     wait_for(
         lambda: worker.counts()["stream_clients"] == 0,
         timeout_s=10,
