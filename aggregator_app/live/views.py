@@ -194,7 +194,8 @@ async def _pump(
         items = []
         if queue.empty():
             try:
-                items.append(await asyncio.wait_for(queue.get(), poll_s))
+                async with asyncio.timeout(poll_s):  # no task per wait, unlike wait_for
+                    items.append(await queue.get())
             except TimeoutError:
                 if time.monotonic() - idle_since_s >= heartbeat_s:
                     await connection.heartbeat()
