@@ -358,6 +358,12 @@ def test_stalled_clients_are_dropped_and_told_while_another_keeps_receiving(
         timeout_s=10,
         what="no client left",
     )
+    with urllib.request.urlopen(f"{worker.url}/aggregator/metrics/") as response:
+        lines = response.read().decode().splitlines()
+    samples = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
+    assert float(samples["aggregator_stream_clients_dropped_total"]) == 2
+    assert float(samples["aggregator_stream_clients_connected_total"]) == 3
+    assert float(samples["aggregator_stream_clients"]) == 0
 
 
 def _status(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
