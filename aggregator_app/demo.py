@@ -9,7 +9,13 @@ installs everything and starts Kafka) does, in order:
    possible, with a share of injected redeliveries;
 3. wait until the worker has handled every record and closed every span;
 4. print what came out: events in, rejected, duplicates removed, aggregated
-   events published, rows stored; then stop the worker.
+   events published, rows stored, and how many of them a live-stream client
+   (Server-Sent Events, subscribed before the replay) received; then stop
+   the worker.
+
+The worker's web port asks for a token (:mod:`aggregator_app.access`): the
+job makes one for its run unless ``AGGREGATOR_API_TOKEN`` is set, and prints
+the dashboard's address with it.
 
 The store is the worker's: embedded ClickHouse unless ``CLICKHOUSE_URL`` names
 a server.
@@ -21,9 +27,11 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base_url = f"http://127.0.0.1:{args.port}"
         _wait_ready(base_url, worker, timeout_s=args.timeout_s)
+        _print_dashboard(base_url, env)
+        stream = _StreamCounter(base_url, token=env.get("AGGREGATOR_API_TOKEN"))
+        stream.start()
         sent = _replay(args, env)
         summary = _wait_done(base_url, sent=sent, timeout_s=args.timeout_s)
+        summary["streamed"] = stream.wait_for(_published(summary), timeout_s=10.0)
         _print_summary(summary, run_id=run_id, log=data_dir / "worker.log")
     finally:
         _stop_worker(worker)
@@ -95,7 +107,69 @@ def _worker_env(run_id: str, data_dir: Path, port: int) -> dict[str, str]:
     env.setdefault("AGGREGATOR_APP_ID", run_id)
     env.setdefault("AGGREGATOR_DATA_DIR", str(data_dir))
     env["AGGREGATOR_WEB_PORT"] = str(port)
+    if env.get("AGGREGATOR_AUTH", "on").lower() not in ("off", "false", "0", "no"):
+        env.setdefault("AGGREGATOR_API_TOKEN", secrets.token_urlsafe(24))
     return env
+
+
+def _print_dashboard(base_url: str, env: dict[str, str]) -> None:
+    token = env.get("AGGREGATOR_API_TOKEN")
+    query = f"?token={token}" if token else ""
+    print(f"dashboard: {base_url}/aggregator/dashboard/{query}", flush=True)
+
+
+class _StreamCounter(threading.Thread):
+    """A live-stream client: counts the aggregated events sent to it over SSE."""
+
+    def __init__(self, base_url: str, *, token: str | None) -> None:
+        super().__init__(name="demo-stream", daemon=True)
+        self._url = f"{base_url}/aggregator/stream/events/"
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self.events = 0
+
+    def start(self) -> None:
+        """Connect, and return once the stream has said it is ready."""
+        super().start()
+        if not self._ready.wait(timeout=30.0):
+            logger.warning("demo: the live stream did not answer; not counted")
+
+    def run(self) -> None:
+        request = urllib.request.Request(self._url, headers=self._headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                self._count(response)
+        except (urllib.error.URLError, OSError) as exc:
+            logger.warning("demo: live stream ended: error=%r", exc)
+
+    def _count(self, lines: Any) -> None:
+        """Count the frames with data and no ``event:`` name (those are events)."""
+        named = has_data = False
+        for line in lines:
+            if line.startswith(b"event: "):
+                named = True
+                self._ready.set()
+            elif line.startswith(b"data: "):
+                has_data = True
+            elif not line.strip():
+                if has_data and not named:
+                    with self._lock:
+                        self.events += 1
+                named = has_data = False
+
+    def wait_for(self, count: int, *, timeout_s: float) -> int:
+        """Return the events received, once ``count`` or after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.events < count:
+            time.sleep(0.2)
+        with self._lock:
+            return self.events
+
+
+def _published(summary: dict[str, Any]) -> int:
+    counts = summary.get("counts", {})
+    return int(counts.get("published_open", 0)) + int(counts.get("published_closed", 0))
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -189,6 +263,7 @@ def _print_summary(summary: dict[str, Any], *, run_id: str, log: Path) -> None:
         ("observations published (closed)", counts.get("published_closed")),
         ("detector events stored", stored.get("detector_events")),
         ("aggregated events stored", stored.get("aggregated_events")),
+        ("aggregated events streamed (SSE)", summary.get("streamed")),
     ]
     print(f"\nrun {run_id} (worker log: {log})")
     for label, value in rows:

@@ -6,6 +6,7 @@ Every error the service raises on purpose derives from :class:`AggregatorError`:
     ├── ConfigError             the rules file or a setting is invalid (at load time)
     ├── RejectedEvent           one input message cannot become an event (dead-lettered)
     ├── InvalidQuery            a web request's parameters cannot be used (HTTP 400)
+    │   └── StreamUnavailable   a live stream cannot be read now (HTTP 503)
     └── StoreError              the event store failed (``retriable``: try again?)
         └── StoreUnavailable    the store cannot be reached right now
 
@@ -22,6 +23,7 @@ __all__ = [
     "RejectedEvent",
     "StoreError",
     "StoreUnavailable",
+    "StreamUnavailable",
 ]
 
 
@@ -55,6 +57,12 @@ class InvalidQuery(AggregatorError):
     """
 
     status = 400
+
+
+class StreamUnavailable(InvalidQuery):
+    """A live stream cannot be read now (the broker does not answer)."""
+
+    status = 503
 
 
 class StoreError(AggregatorError):

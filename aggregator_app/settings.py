@@ -21,6 +21,16 @@
   partitions (``3600``).
 - ``AGGREGATOR_READY_MAX_LAG``: most records behind the partitions' ends for
   ``/health`` to say ready (``100000``).
+- ``AGGREGATOR_AUTH``: ``on`` (default) or ``off``: whether the stream and
+  table-query endpoints ask for a token.
+- ``AGGREGATOR_API_TOKEN``: the token they ask for; with auth on and no token,
+  the worker makes one and keeps it in ``<data dir>/api-token``.
+- ``AGGREGATOR_CORS_ORIGINS``: browser origins allowed to call the web port,
+  comma-separated (none by default).
+- ``AGGREGATOR_STREAM_HEARTBEAT_MS``: how often an idle live stream gets a
+  heartbeat (``15000``).
+- ``AGGREGATOR_STREAM_QUEUE_EVENTS``: events a live-stream client may have
+  waiting before it is dropped as too slow (``1000``).
 """
 
 from __future__ import annotations
@@ -54,6 +64,11 @@ class Settings:
     retention_days: int = 30
     retention_interval_s: int = 3600
     ready_max_lag: int = 100_000
+    auth: bool = True
+    api_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    stream_heartbeat_ms: int = 15_000
+    stream_queue_events: int = 1000
 
     @property
     def broker_url(self) -> str:
@@ -104,7 +119,35 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         retention_days=_int(env, "AGGREGATOR_RETENTION_DAYS", 30),
         retention_interval_s=_int(env, "AGGREGATOR_RETENTION_INTERVAL_S", 3600),
         ready_max_lag=_int(env, "AGGREGATOR_READY_MAX_LAG", 100_000),
+        auth=_on_off(env, "AGGREGATOR_AUTH", default=True),
+        api_token=env.get("AGGREGATOR_API_TOKEN") or None,
+        cors_origins=_origins(env.get("AGGREGATOR_CORS_ORIGINS", "")),
+        stream_heartbeat_ms=_int(env, "AGGREGATOR_STREAM_HEARTBEAT_MS", 15_000),
+        stream_queue_events=_int(env, "AGGREGATOR_STREAM_QUEUE_EVENTS", 1000),
     )
+
+
+def _on_off(env: dict[str, str], name: str, *, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, not {value!r}")
+
+
+def _origins(value: str) -> tuple[str, ...]:
+    """Return the origins of a comma-separated list, without trailing slashes."""
+    origins = tuple(part.strip().rstrip("/") for part in value.split(","))
+    for origin in origins:
+        if origin and origin != "*" and "://" not in origin:
+            raise ConfigError(
+                f"AGGREGATOR_CORS_ORIGINS: {origin!r} is not an origin "
+                "(scheme://host[:port])"
+            )
+    return tuple(origin for origin in origins if origin)
 
 
 def _path(env: dict[str, str], name: str, default: Path) -> Path:

@@ -24,6 +24,10 @@
     Body: ``{"status": "ok" | "degraded", "problems": [...]}``.
 ``GET /aggregator/health/live/``
     200 while the worker runs and has not crashed, else 503.
+
+Live streams and the dashboard: :mod:`aggregator_app.live.views`. Who may
+call what (token, CORS): :mod:`aggregator_app.access`, applied to every
+request by a middleware installed here.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ from faust.web import Request, Response, View
 
 from agents.dedup import in_flight
 from aggregator_app import sink
+from aggregator_app.access import access_middleware
 from aggregator_app.app import app, rules, settings
 from aggregator_app.exceptions import InvalidQuery, StoreError
 from aggregator_app.health import consumer_lag, readiness
+from aggregator_app.live.streams import hubs
+from aggregator_app.live.views import access
 from aggregator_app.metrics import (
     LabelledGauge,
     counters,
@@ -78,6 +85,15 @@ _WRITER_TOTALS = {
     "rows_spooled": "Rows spooled to disk (buffer full, store down, commit wait).",
     "rows_failed": "Rows the store refused, kept for an operator.",
 }
+_STREAM_TOTALS = {
+    "stream_clients_connected": "Live-stream clients connected, since start.",
+    "stream_clients_dropped": "Live-stream clients dropped as too slow.",
+    "stream_events_sent": "Events queued for live-stream clients.",
+}
+
+# The aiohttp driver's application; its middlewares run before every view.
+_web_app = app.web.web_app  # type: ignore[attr-defined]  # faust's base Web lacks it
+_web_app.middlewares.append(access_middleware(access))
 
 
 # Counters.
@@ -109,6 +125,10 @@ def _counts() -> dict[str, Any]:
     data["store_backlog_rows"] = sink.backlog_rows()
     data["in_flight_records"] = in_flight.records
     data["assigned_partitions"] = len(app.assignor.assigned_actives())
+    data["stream_clients"] = sum(len(hub.subscribers) for hub in hubs.values())
+    data["stream_clients_dropped"] = sum(
+        hub.stats.clients_dropped for hub in hubs.values()
+    )
     return data
 
 
@@ -229,6 +249,10 @@ class MetricsView(View):
             f"store_{name}": (help_text, float(stats[name]))
             for name, help_text in _WRITER_TOTALS.items()
         }
+        gauges["stream_clients"] = float(
+            sum(len(hub.subscribers) for hub in hubs.values())
+        )
+        totals.update(_stream_totals())
         per_partition = LabelledGauge(
             name="consumer_lag_by_partition",
             help="Records not committed yet, per partition consumed.",
@@ -245,6 +269,19 @@ class MetricsView(View):
             histograms=latency,
         )
         return self.text(text, content_type="text/plain; version=0.0.4")
+
+
+def _stream_totals() -> dict[str, tuple[str, float]]:
+    stats = [hub.stats for hub in hubs.values()]
+    values = {
+        "stream_clients_connected": sum(s.clients_total for s in stats),
+        "stream_clients_dropped": sum(s.clients_dropped for s in stats),
+        "stream_events_sent": sum(s.items_sent for s in stats),
+    }
+    return {
+        name: (help_text, float(values[name]))
+        for name, help_text in _STREAM_TOTALS.items()
+    }
 
 
 async def _ready_response(view: View) -> Response:

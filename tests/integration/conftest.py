@@ -8,7 +8,8 @@ are skipped otherwise.
 
 ``worker_factory`` starts ``faust -A aggregator_app worker`` as a subprocess
 with a run of its own: consumer group, topic prefix, data directory, web port
-and store database are new for every worker, so that tests never see each
+and store database are new for every worker (the API token, :data:`API_TOKEN`,
+is one for the session), so that tests never see each
 other's records. A failing test prints the tail of its workers' logs.
 """
 
@@ -46,6 +47,8 @@ CLICKHOUSE_TEST_URL = os.environ.get(
     "CLICKHOUSE_TEST_URL", "clickhouse://127.0.0.1:9000"
 )
 
+#: The API token every test worker asks for (``AGGREGATOR_API_TOKEN``).
+API_TOKEN = f"test-{uuid.uuid4().hex}"
 WORKER_READY_TIMEOUT_S = 90.0
 WORKER_STOP_TIMEOUT_S = 30.0
 _POLL_INTERVAL_S = 0.25
@@ -179,6 +182,16 @@ class WorkerHandle:
     def url(self) -> str:
         """Return the base URL of the worker's web port."""
         return f"http://127.0.0.1:{self.env['AGGREGATOR_WEB_PORT']}"
+
+    @property
+    def token(self) -> str | None:
+        """Return the API token the worker was given, if any."""
+        return self.env.get("AGGREGATOR_API_TOKEN") or None
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """Return the headers that carry the worker's token."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @property
     def prefix(self) -> str:
@@ -396,6 +409,7 @@ def worker_factory(
             AGGREGATOR_TOPIC_PREFIX=f"t-{run}.",
             AGGREGATOR_DATA_DIR=str(run_dir / "data"),
             AGGREGATOR_WEB_PORT=str(_free_port()),
+            AGGREGATOR_API_TOKEN=API_TOKEN,
         )
 
         clickhouse: tuple[str, int] | None = None

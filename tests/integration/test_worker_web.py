@@ -63,9 +63,10 @@ def kept_events(payloads: list[bytes]) -> list[DetectorEvent]:
     return kept
 
 
-def get_json(url: str) -> tuple[int, Any]:
+def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -153,7 +154,9 @@ def test_any_worker_answers_for_a_key_the_other_owns(
         key, _ = dedup_keys(event, RULES.dedup)
         query = urllib.parse.urlencode({"key": key, "time_ms": event.event_time_ms})
         answers = [
-            get_json(f"{worker.url}/aggregator/tables/dedup/?{query}")
+            get_json(
+                f"{worker.url}/aggregator/tables/dedup/?{query}", worker.auth_headers
+            )
             for worker in (first, second)
         ]
         for status, body in answers:
@@ -172,7 +175,8 @@ def test_any_worker_answers_for_a_key_the_other_owns(
         f"{second.url}/aggregator/dedup/?"
         + urllib.parse.urlencode(
             {"key": dedup_keys(latest[0], RULES.dedup)[0], "time_ms": 0}
-        )
+        ),
+        second.auth_headers,
     )
     assert status == 200 and old_address["table"] == "dedup"
 
@@ -183,7 +187,10 @@ def test_any_worker_answers_for_a_key_the_other_owns(
     query = urllib.parse.urlencode({"key": key, "time_ms": 0})
     forged = urllib.request.Request(
         f"{second.url}/aggregator/tables/dedup/?{query}",
-        headers={"x-aggregator-routed-from": "http://elsewhere:1"},
+        headers={
+            **first.auth_headers,
+            "x-aggregator-routed-from": "http://elsewhere:1",
+        },
     )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(forged, timeout=10)
@@ -195,16 +202,14 @@ def test_table_queries_validate_their_parameters(
 ) -> None:
     worker = worker_factory()
 
-    missing = get_json(f"{worker.url}/aggregator/tables/dedup/?time_ms=1")
-    bad_time = get_json(f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=x")
-    unknown = get_json(f"{worker.url}/aggregator/tables/nope/?key=a")
-    twice = get_json(
-        f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=1&time_ms=2"
-    )
-    other_camera = get_json(
-        f"{worker.url}/aggregator/tables/dedup/?key=a%7Cb&time_ms=1&camera_id=zzz"
-    )
-    index = get_json(f"{worker.url}/aggregator/tables/")
+    base = f"{worker.url}/aggregator/tables"
+    auth = worker.auth_headers
+    missing = get_json(f"{base}/dedup/?time_ms=1", auth)
+    bad_time = get_json(f"{base}/dedup/?key=a%7Cb&time_ms=x", auth)
+    unknown = get_json(f"{base}/nope/?key=a", auth)
+    twice = get_json(f"{base}/dedup/?key=a%7Cb&time_ms=1&time_ms=2", auth)
+    other_camera = get_json(f"{base}/dedup/?key=a%7Cb&time_ms=1&camera_id=zzz", auth)
+    index = get_json(f"{base}/", auth)
 
     assert missing[0] == 400 and "key" in missing[1]["error"]
     assert bad_time[0] == 400 and "time_ms" in bad_time[1]["error"]
