@@ -21,6 +21,7 @@ from aggregator_app.exceptions import ConfigError
 
 __all__ = [
     "CameraInfo",
+    "CorrelationRule",
     "DedupRule",
     "IngestLimits",
     "RulesConfig",
@@ -71,6 +72,61 @@ class DedupRule(_Strict):
     close_after_idle_s: PositiveSeconds = 10.0
 
 
+Metres = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Homography = tuple[
+    tuple[float, float, float],
+    tuple[float, float, float],
+    tuple[float, float, float],
+]
+
+
+class CorrelationRule(_Strict):
+    """When events of several cameras (or repeats of one) are one object.
+
+    See :mod:`aggregator_app.correlate` for how these are used.
+    """
+
+    enabled: bool = True
+    rule_id: str = "correlate"
+    late_events_topic: TopicName = "late-events"
+    grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    idle_camera_after_s: PositiveSeconds = 5.0
+    max_gap_s: PositiveSeconds = 3.0
+    close_after_s: PositiveSeconds = 10.0
+    same_camera_gate_m: Metres = 6.0
+    cross_camera_gate_m: Metres = 8.0
+    max_speed_mps: Metres = 20.0
+    velocity_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    max_member_ids: Annotated[int, Field(ge=0)] = 100
+    max_remembered_late: Annotated[int, Field(ge=0)] = 10_000
+    must_not_link: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="camera id -> cameras whose events never share a global id",
+    )
+    homographies: dict[str, Homography] = Field(
+        default_factory=dict,
+        description="camera id -> 3x3 matrix, image pixels (foot point) -> metres",
+    )
+    zone_adjacency: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_self_links(self) -> CorrelationRule:
+        for camera_id, others in self.must_not_link.items():
+            if camera_id in others:
+                raise ValueError(f"camera {camera_id!r} must-not-link with itself")
+        return self
+
+    def must_not_link_map(self) -> dict[str, frozenset[str]]:
+        """Return the must-not-link pairs both ways: camera -> cameras."""
+        links: dict[str, set[str]] = {}
+        for camera_id, others in self.must_not_link.items():
+            for other in others:
+                links.setdefault(camera_id, set()).add(other)
+                links.setdefault(other, set()).add(camera_id)
+        return {camera_id: frozenset(others) for camera_id, others in links.items()}
+
+
 class CameraInfo(_Strict):
     """What is known about one camera; used to accept and enrich its events."""
 
@@ -108,6 +164,7 @@ class RulesConfig(_Strict):
     ingest: IngestLimits = IngestLimits()
     sources: Annotated[list[SourceConfig], Field(min_length=1)]
     dedup: DedupRule = DedupRule()
+    correlation: CorrelationRule = CorrelationRule()
     sites: dict[str, SiteInfo] = Field(default_factory=dict)
     cameras: dict[str, CameraInfo] = Field(default_factory=dict)
 
@@ -139,6 +196,12 @@ class RulesConfig(_Strict):
                 "sources": sources,
                 "aggregated_topic": prefix + self.aggregated_topic,
                 "dead_letter_topic": prefix + self.dead_letter_topic,
+                "correlation": self.correlation.model_copy(
+                    update={
+                        "late_events_topic": prefix
+                        + self.correlation.late_events_topic
+                    }
+                ),
             }
         )
 
