@@ -92,6 +92,7 @@ class Track:
     velocity_mps: tuple[float, float] = (0.0, 0.0)
     last_position: tuple[float, float] | None = None
     closed: bool = False
+    merged_into: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """Return the track as a JSON-ready dict."""
@@ -231,14 +232,24 @@ class Correlator:
     """
 
     def __init__(self, rule: CorrelationRule) -> None:
+        self.base_rule = rule
         self.rule = rule
         self.sites: dict[str, SiteState] = {}
         self._grace_ms = int(rule.grace_s * 1000)
-        self._max_gap_ms = int(rule.max_gap_s * 1000)
         self._close_after_ms = int(rule.close_after_s * 1000)
+        self._max_gap_ms = int(rule.max_gap_s * 1000)
         self._forbidden = rule.must_not_link_map()
         self._camera_seen_s: dict[str, dict[str, float]] = {}
+        self._site_rules: dict[str, CorrelationRule] = {}
         self.late_count = 0
+
+    def _use_site(self, site_id: str) -> None:
+        """Put the rule of a site in force (its ``site_overrides``)."""
+        rule = self._site_rules.get(site_id)
+        if rule is None:
+            rule = self._site_rules[site_id] = self.base_rule.for_site(site_id)
+        self.rule = rule
+        self._max_gap_ms = int(rule.max_gap_s * 1000)
 
     def site(self, site_id: str) -> SiteState:
         """Return the state of a site, made empty when it is new."""
@@ -285,6 +296,7 @@ class Correlator:
         of a replay, or a site whose every camera has gone quiet for good).
         """
         state = self.site(site_id)
+        self._use_site(site_id)
         new_ms = self._site_watermark_ms(state, now_s=now_s, flush=flush)
         if new_ms > state.watermark_ms:
             state.watermark_ms = new_ms
@@ -378,9 +390,75 @@ class Correlator:
             state.tracks[track.global_id] = track
             step.opened.append(track)
         self._update(track, event, position)
+        track = self._merge_duplicates(state, track, event, position, step)
         state.recent[event.event_id] = track.global_id
         state.recent_ms[event.event_id] = event.event_time_ms
         step.assignments.append(_assignment(event, track.global_id))
+
+    def _merge_duplicates(
+        self,
+        state: SiteState,
+        track: Track,
+        event: DetectorEvent,
+        position: Point | None,
+        step: Step,
+    ) -> Track:
+        """Merge into one the tracks that turn out to be one object.
+
+        An object entering a camera's view far from where the others place it
+        opens a second track; once an event of one lies within
+        ``merge_gate_m`` of the other, and the two share no camera and no
+        must-not-link pair, they are one object. The older global id stays;
+        the other is closed with ``merged_into`` naming it.
+        """
+        if position is None:
+            return track
+        for other in sorted(state.tracks.values(), key=_age_key):
+            if other is track or not self._mergeable(track, other, event):
+                continue
+            distance_m = self._nearest_point_m(other, event, position)
+            if distance_m is None or distance_m > self.rule.merge_gate_m:
+                continue
+            keep, gone = sorted((track, other), key=_age_key)
+            self._absorb(keep, gone)
+            step.closed.append(gone)
+            track = keep
+        return track
+
+    def _mergeable(self, track: Track, other: Track, event: DetectorEvent) -> bool:
+        if other.closed or event.event_time_ms - other.last_ms > self._max_gap_ms:
+            return False
+        if set(track.cameras).intersection(other.cameras):
+            return False
+        return not any(
+            self._forbidden.get(camera_id, frozenset()).intersection(other.all_cameras)
+            for camera_id in track.all_cameras
+        )
+
+    def _nearest_point_m(
+        self, track: Track, event: DetectorEvent, position: Point
+    ) -> float | None:
+        distances = [
+            self._point_distance_m(track, point, event, position)
+            for point in track.cameras.values()
+        ]
+        found = [distance_m for distance_m in distances if distance_m is not None]
+        return min(found, default=None)
+
+    def _absorb(self, keep: Track, gone: Track) -> None:
+        keep.cameras.update(gone.cameras)
+        for camera_id in gone.all_cameras:
+            if camera_id not in keep.all_cameras:
+                keep.all_cameras.append(camera_id)
+        keep.first_ms = min(keep.first_ms, gone.first_ms)
+        if gone.last_ms > keep.last_ms:
+            keep.last_ms = gone.last_ms
+            keep.last_position = gone.last_position
+        keep.member_count += gone.member_count
+        room = self.rule.max_member_ids - len(keep.member_ids)
+        keep.member_ids.extend(gone.member_ids[: max(room, 0)])
+        gone.closed = True
+        gone.merged_into = keep.global_id
 
     def _match(
         self, state: SiteState, event: DetectorEvent, position: Point | None
@@ -395,7 +473,9 @@ class Correlator:
             if forbidden.intersection(track.all_cameras):
                 continue
             own = track.cameras.get(camera_id)
-            if own is not None and own.time_ms == time_ms:
+            if own is not None and own.time_ms == time_ms and not self._same_frame_near(
+                own, position
+            ):
                 continue
             if (
                 event.tracker_id is not None
@@ -410,28 +490,38 @@ class Correlator:
                 best = (distance_m, track.global_id)
         return None if best is None else state.tracks[best[1]]
 
+    def _same_frame_near(self, own: CameraPoint, position: Point | None) -> bool:
+        """Return whether a second box of one frame is close enough to be one object.
+
+        A detector may report one object twice in a frame (two boxes on one
+        vehicle); two objects are rarely closer than a car's length.
+        """
+        if position is None or own.x_m is None or own.y_m is None:
+            return False
+        separation_m = math.hypot(position[0] - own.x_m, position[1] - own.y_m)
+        return separation_m < self.rule.same_frame_merge_m
+
     def _distance_m(
         self, track: Track, event: DetectorEvent, position: Point | None
     ) -> float | None:
         """Return the gated distance from a track to an event, or ``None``.
 
+        Every recent point of the track counts: a point of the event's own
+        camera within ``same_camera_gate_m``, a point of another camera within
+        ``cross_camera_gate_m`` (cameras disagree by metres on one object).
         Without positions on either side, zones decide: the same or an
         adjacent zone counts as distance 0.
         """
         time_ms = event.event_time_ms
-        own = track.cameras.get(event.camera_id)
-        if own is not None and time_ms - own.time_ms <= self._max_gap_ms:
-            points, gate_m = [own], self.rule.same_camera_gate_m
-        else:
-            points = [
-                point
-                for point in track.cameras.values()
-                if time_ms - point.time_ms <= self._max_gap_ms
-            ]
-            gate_m = self.rule.cross_camera_gate_m
-
         best_m: float | None = None
-        for point in points:
+        for camera_id, point in track.cameras.items():
+            if time_ms - point.time_ms > self._max_gap_ms:
+                continue
+            gate_m = (
+                self.rule.same_camera_gate_m
+                if camera_id == event.camera_id
+                else self.rule.cross_camera_gate_m
+            )
             distance_m = self._point_distance_m(track, point, event, position)
             if distance_m is not None and distance_m <= gate_m:
                 best_m = distance_m if best_m is None else min(best_m, distance_m)
@@ -444,12 +534,20 @@ class Correlator:
         event: DetectorEvent,
         position: Point | None,
     ) -> float | None:
+        """Return the distance from a point, moved by the velocity or not.
+
+        The smaller of the two: a velocity from noisy positions overshoots an
+        object that stops, and a still point lags one that moves.
+        """
         if position is None or point.x_m is None or point.y_m is None:
             return self._zone_distance_m(point.zone_id, event.zone_id)
         dt_s = (event.event_time_ms - point.time_ms) / 1000
         predicted_x = point.x_m + track.velocity_mps[0] * dt_s
         predicted_y = point.y_m + track.velocity_mps[1] * dt_s
-        return math.hypot(position[0] - predicted_x, position[1] - predicted_y)
+        return min(
+            math.hypot(position[0] - predicted_x, position[1] - predicted_y),
+            math.hypot(position[0] - point.x_m, position[1] - point.y_m),
+        )
 
     def _zone_distance_m(self, track_zone: str | None, zone: str | None) -> float | None:
         if track_zone is None or zone is None:
@@ -542,6 +640,10 @@ class Correlator:
         ]:
             del state.recent_ms[event_id]
             del state.recent[event_id]
+
+
+def _age_key(track: Track) -> tuple[int, str]:
+    return track.first_ms, track.global_id
 
 
 def _assignment(event: DetectorEvent, global_id: str) -> Assignment:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from aggregator_app.correlate import Correlator
+from aggregator_app.correlate import Correlator, Step
 from aggregator_app.ingest import RawRecord, parse_record
-from aggregator_app.schema import BBox, DetectorEvent
+from aggregator_app.schema import BBox, DetectorEvent, GroundPoint
 from aggregator_app.timeparse import to_epoch_ms
 from aggregator_app.scoring import (
     BCubed,
@@ -130,30 +130,30 @@ def tud_rows(folder: Path) -> tuple[list[list[float]], list[list[float]]]:
 
 def tud_truth(
     detections: Sequence[list[float]], truth_rows: Sequence[list[float]]
-) -> list[str | None]:
-    """Return each detection's truth id: best IoU >= 0.5 in its frame, greedy."""
+) -> list[list[float] | None]:
+    """Return each detection's truth row: best IoU >= 0.5 in its frame, greedy."""
     by_frame: dict[int, list[list[float]]] = {}
     for row in truth_rows:
         by_frame.setdefault(int(row[0]), []).append(row)
-    labels: list[str | None] = [None] * len(detections)
+    labels: list[list[float] | None] = [None] * len(detections)
     frames: dict[int, list[int]] = {}
     for index, row in enumerate(detections):
         frames.setdefault(int(row[0]), []).append(index)
     for frame, indices in frames.items():
         candidates = sorted(
             (
-                (iou(_box(detections[i]), _box(gt)), i, int(gt[1]))
+                (iou(_box(detections[i]), _box(gt)), i, int(gt[1]), gt)
                 for i in indices
                 for gt in by_frame.get(frame, [])
             ),
             reverse=True,
         )
         used_truth: set[int] = set()
-        for overlap, index, truth_id in candidates:
+        for overlap, index, truth_id, gt in candidates:
             if overlap < 0.5:
                 break
             if labels[index] is None and truth_id not in used_truth:
-                labels[index] = str(truth_id)
+                labels[index] = gt
                 used_truth.add(truth_id)
     return labels
 
@@ -168,8 +168,14 @@ def tud_events(folder: Path, rules: RulesConfig) -> list[Labelled]:
     labels = tud_truth(detections, truth_rows)
     source = _source(rules, "mot")
     labelled = []
-    for index, (row, label) in enumerate(zip(detections, labels, strict=True)):
+    for index, (row, matched) in enumerate(zip(detections, labels, strict=True)):
         frame = int(row[0])
+        label = None if matched is None else str(int(matched[1]))
+        position = (
+            None
+            if matched is None
+            else GroundPoint(x_m=matched[7], y_m=matched[8], z_m=matched[9])
+        )
         event = DetectorEvent(
             event_id=f"{_TUD_CAMERA}:{index}",
             detector="person",
@@ -179,11 +185,13 @@ def tud_events(folder: Path, rules: RulesConfig) -> list[Labelled]:
             event_time_ms=_TUD_START_MS + (frame - 1) * 1000 // _TUD_FPS,
             label="person",
             confidence=row[6],
+            position=position,
             bbox_px=BBox(
                 x_min=row[2], y_min=row[3], x_max=row[2] + row[4], y_max=row[3] + row[5]
             ),
         )
-        payload = ",".join(_number(v) for v in row).encode()
+        world = row[7:10] if position is None else matched[7:10]  # type: ignore[index]  # set with position
+        payload = ",".join(_number(v) for v in [*row[:7], *world]).encode()
         labelled.append(Labelled(event, label, payload))
     return labelled
 
@@ -216,15 +224,42 @@ def run_core(
     """
     correlator = Correlator(rules.correlation)
     assigned: dict[str, str] = {}
+    merged: dict[str, str] = {}
     front_ms = 0
     for item in labelled:
         front_ms = max(front_ms, item.event.event_time_ms)
         now_s = clock(front_ms) if clock is not None else 0.0
         step = correlator.add([item.event], now_s=now_s)
-        assigned.update((a.event_id, a.global_id) for a in step.assignments)
+        _collect(step, assigned, merged)
     step = correlator.advance_all(now_s=math.inf, flush=True)
+    _collect(step, assigned, merged)
+    return resolve_merges(assigned, merged), correlator.late_count
+
+
+def _collect(step: Step, assigned: dict[str, str], merged: dict[str, str]) -> None:
     assigned.update((a.event_id, a.global_id) for a in step.assignments)
-    return assigned, correlator.late_count
+    merged.update(
+        (track.global_id, track.merged_into)
+        for track in step.closed
+        if track.merged_into is not None
+    )
+
+
+def resolve_merges(assigned: dict[str, str], merged: dict[str, str]) -> dict[str, str]:
+    """Return every event's global id after the merges (as a consumer reads them).
+
+    A closed ``correlated`` event with ``merged_into`` says that its global id
+    is the same object as that one, from then on and before.
+    """
+
+    def final(global_id: str) -> str:
+        seen = set()
+        while global_id in merged and global_id not in seen:
+            seen.add(global_id)
+            global_id = merged[global_id]
+        return global_id
+
+    return {event_id: final(global_id) for event_id, global_id in assigned.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from aggregator_app.exceptions import ConfigError
 
 __all__ = [
     "CameraInfo",
+    "CorrelationOverrides",
     "CorrelationRule",
     "DedupRule",
     "IngestLimits",
@@ -80,6 +81,17 @@ Homography = tuple[
 ]
 
 
+class CorrelationOverrides(_Strict):
+    """Distances and times of one site, where they differ (people, not cars)."""
+
+    max_gap_s: PositiveSeconds | None = None
+    same_camera_gate_m: Metres | None = None
+    cross_camera_gate_m: Metres | None = None
+    merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
 class CorrelationRule(_Strict):
     """When events of several cameras (or repeats of one) are one object.
 
@@ -95,6 +107,8 @@ class CorrelationRule(_Strict):
     close_after_s: PositiveSeconds = 10.0
     same_camera_gate_m: Metres = 6.0
     cross_camera_gate_m: Metres = 8.0
+    merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0
+    same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.5
     max_speed_mps: Metres = 20.0
     velocity_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
     min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
@@ -109,6 +123,17 @@ class CorrelationRule(_Strict):
         description="camera id -> 3x3 matrix, image pixels (foot point) -> metres",
     )
     zone_adjacency: dict[str, list[str]] = Field(default_factory=dict)
+    site_overrides: dict[str, CorrelationOverrides] = Field(
+        default_factory=dict,
+        description="site id -> distances and times that differ there",
+    )
+
+    def for_site(self, site_id: str) -> CorrelationRule:
+        """Return the rule in force at a site: its overrides over the rest."""
+        overrides = self.site_overrides.get(site_id)
+        if overrides is None:
+            return self
+        return self.model_copy(update=overrides.model_dump(exclude_none=True))
 
     @model_validator(mode="after")
     def _no_self_links(self) -> CorrelationRule:
