@@ -338,15 +338,15 @@ class Correlator:
     def _late(self, state: SiteState, event: DetectorEvent, step: Step) -> None:
         late_by_ms = state.watermark_ms - event.event_time_ms
         step.late.append(
-            LateEvent(event=event, late_by_ms=late_by_ms, watermark_ms=state.watermark_ms)
+            LateEvent(
+                event=event, late_by_ms=late_by_ms, watermark_ms=state.watermark_ms
+            )
         )
         self.late_count += 1
         state.late_ids.append(event.event_id)
         del state.late_ids[: -self.rule.max_remembered_late]
 
-    def _site_watermark_ms(
-        self, state: SiteState, *, now_s: float, flush: bool
-    ) -> int:
+    def _site_watermark_ms(self, state: SiteState, *, now_s: float, flush: bool) -> int:
         marks = state.camera_watermark_ms
         if flush:
             return max(marks.values(), default=state.watermark_ms) + self._grace_ms
@@ -473,8 +473,10 @@ class Correlator:
             if forbidden.intersection(track.all_cameras):
                 continue
             own = track.cameras.get(camera_id)
-            if own is not None and own.time_ms == time_ms and not self._same_frame_near(
-                own, position
+            if (
+                own is not None
+                and own.time_ms == time_ms
+                and not self._same_frame_near(own, position)
             ):
                 continue
             if (
@@ -549,7 +551,9 @@ class Correlator:
             math.hypot(position[0] - point.x_m, position[1] - point.y_m),
         )
 
-    def _zone_distance_m(self, track_zone: str | None, zone: str | None) -> float | None:
+    def _zone_distance_m(
+        self, track_zone: str | None, zone: str | None
+    ) -> float | None:
         if track_zone is None or zone is None:
             return None
         if track_zone == zone or zone in self.rule.zone_adjacency.get(track_zone, ()):
@@ -599,7 +603,10 @@ class Correlator:
         vy = (position[1] - previous.y_m) / dt_s
         speed = math.hypot(vx, vy)
         if speed > self.rule.max_speed_mps:
-            vx, vy = vx * self.rule.max_speed_mps / speed, vy * self.rule.max_speed_mps / speed
+            vx, vy = (
+                vx * self.rule.max_speed_mps / speed,
+                vy * self.rule.max_speed_mps / speed,
+            )
         weight = self.rule.velocity_smoothing
         old_x, old_y = track.velocity_mps
         track.velocity_mps = (

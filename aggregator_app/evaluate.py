@@ -38,8 +38,7 @@ from typing import Final
 
 from aggregator_app.correlate import Correlator, Step
 from aggregator_app.ingest import RawRecord, parse_record
-from aggregator_app.schema import BBox, DetectorEvent, GroundPoint
-from aggregator_app.timeparse import to_epoch_ms
+from aggregator_app.schema import BBox, DetectorEvent, DetectorKind, GroundPoint
 from aggregator_app.scoring import (
     BCubed,
     PairScore,
@@ -49,6 +48,7 @@ from aggregator_app.scoring import (
     pair_score,
     slot_pairs,
 )
+from aggregator_app.timeparse import to_epoch_ms
 from rules.config import RulesConfig, SourceConfig, load_rules
 
 __all__ = [
@@ -123,7 +123,9 @@ def tud_rows(folder: Path) -> tuple[list[list[float]], list[list[float]]]:
 
     def read(name: str) -> list[list[float]]:
         text = (folder / name).read_text(encoding="utf-8")
-        return [[float(v) for v in line.split(",")] for line in text.splitlines() if line]
+        return [
+            [float(v) for v in line.split(",")] for line in text.splitlines() if line
+        ]
 
     return read("det_frcnn_sort.txt"), read("gt.txt")
 
@@ -178,7 +180,7 @@ def tud_events(folder: Path, rules: RulesConfig) -> list[Labelled]:
         )
         event = DetectorEvent(
             event_id=f"{_TUD_CAMERA}:{index}",
-            detector="person",
+            detector=DetectorKind.PERSON,
             source="mot",
             camera_id=_TUD_CAMERA,
             site_id=source.site_id,
@@ -204,8 +206,7 @@ def tud_homography(folder: Path) -> list[list[float]]:
     """Fit the camera's homography: ground-truth foot points to world x, y."""
     _detections, truth_rows = tud_rows(folder)
     pairs = [
-        ((row[2] + row[4] / 2, row[3] + row[5]), (row[7], row[8]))
-        for row in truth_rows
+        ((row[2] + row[4] / 2, row[3] + row[5]), (row[7], row[8])) for row in truth_rows
     ]
     return fit_homography(pairs)
 
@@ -317,7 +318,9 @@ def score_tud(
     }
     person_ids = {assigned.get(event_id) for event_id in truth}
     unmatched = [item for item in labelled if item.truth is None]
-    merged = sum(1 for item in unmatched if assigned.get(item.event.event_id) in person_ids)
+    merged = sum(
+        1 for item in unmatched if assigned.get(item.event.event_id) in person_ids
+    )
     return b_cubed(assigned, truth), len(unmatched), merged
 
 
@@ -356,7 +359,9 @@ def _live_clock(front_ms: int) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the evaluation; print the figures."""
     parser = argparse.ArgumentParser(prog="aggregator-evaluate", description=__doc__)
-    parser.add_argument("dataset", choices=["garage", "tud", "all"], nargs="?", default="all")
+    parser.add_argument(
+        "dataset", choices=["garage", "tud", "all"], nargs="?", default="all"
+    )
     parser.add_argument("--mode", choices=["core", "service"], default="core")
     parser.add_argument("--data", help="shared data folder (default ../shared/data)")
     parser.add_argument("--rules", default=str(_REPO / "config/aggregation-rules.yml"))

@@ -98,9 +98,7 @@ def pair_score(
     )
 
 
-def b_cubed(
-    predicted: Mapping[str, Hashable], truth: Mapping[str, Hashable]
-) -> BCubed:
+def b_cubed(predicted: Mapping[str, Hashable], truth: Mapping[str, Hashable]) -> BCubed:
     """Return B-cubed scores of ``predicted`` groups against ``truth`` groups.
 
     Items of ``truth`` without a predicted group count as groups of their own.

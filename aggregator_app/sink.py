@@ -39,18 +39,20 @@ from aggregator_app.app import app, settings
 from aggregator_app.dedup import Decision
 from aggregator_app.exceptions import StoreError
 from aggregator_app.metrics import latency
-from aggregator_app.schema import AggregatedEvent, DetectorEvent
+from aggregator_app.schema import AggregatedEvent, CorrelatedEvent, DetectorEvent
 from aggregator_app.store import (
     EventStore,
     Outcome,
     StoreWriter,
     aggregated_event_row,
+    correlated_event_row,
     detector_event_row,
     open_store,
 )
 
 __all__ = [
     "aggregated_event",
+    "correlated_event",
     "backlog_rows",
     "before_commit",
     "detector_event",
@@ -144,6 +146,12 @@ def detector_events(decisions: Sequence[tuple[DetectorEvent, Decision]]) -> None
 def aggregated_event(event: AggregatedEvent) -> None:
     """Record a published aggregated event."""
     row = aggregated_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
+
+
+def correlated_event(event: CorrelatedEvent) -> None:
+    """Record a published ``correlated`` event (in ``aggregated_events``)."""
+    row = correlated_event_row(event, inserted_at_ms=int(time.time() * 1000))
     writer().submit_aggregated([row])
 
 

@@ -223,8 +223,7 @@ class RulesConfig(_Strict):
                 "dead_letter_topic": prefix + self.dead_letter_topic,
                 "correlation": self.correlation.model_copy(
                     update={
-                        "late_events_topic": prefix
-                        + self.correlation.late_events_topic
+                        "late_events_topic": prefix + self.correlation.late_events_topic
                     }
                 ),
             }

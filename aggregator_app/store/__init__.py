@@ -28,6 +28,7 @@ from aggregator_app.store.base import (
     EventStore,
     Outcome,
     aggregated_event_row,
+    correlated_event_row,
     detector_event_row,
 )
 from aggregator_app.store.embedded import DEFAULT_EMBEDDED_DIR, EmbeddedStore
@@ -45,6 +46,7 @@ __all__ = [
     "StoreWriter",
     "StoreWriterService",
     "aggregated_event_row",
+    "correlated_event_row",
     "detector_event_row",
     "open_store",
 ]
