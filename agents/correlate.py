@@ -253,4 +253,5 @@ async def _on_recovered() -> None:
 @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # stub wants a positional-only sender
 async def _on_revoked(sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
     correlator.sites.clear()
+    _site_store.forget()
     logger.info("correlate: partitions revoked, site states cleared")

@@ -165,13 +165,19 @@ class SiteState:
     recent_ms: dict[str, int] = field(default_factory=dict)
     late_ids: list[str] = field(default_factory=list)
 
-    def to_json(self) -> dict[str, object]:
-        """Return the state as a JSON-ready dict (the table's value)."""
+    def to_json(self, *, with_pending: bool = True) -> dict[str, object]:
+        """Return the state as a JSON-ready dict.
+
+        ``with_pending=False`` leaves the pending events out: the table
+        stores them one key each, as a fast replay may buffer thousands.
+        """
         return {
             "site_id": self.site_id,
             "watermark_ms": self.watermark_ms,
             "camera_watermark_ms": dict(self.camera_watermark_ms),
-            "pending": [event.json_text for event in self.pending],
+            "pending": [event.json_text for event in self.pending]
+            if with_pending
+            else [],
             "tracks": {key: track.to_json() for key, track in self.tracks.items()},
             "recent": dict(self.recent),
             "recent_ms": dict(self.recent_ms),

@@ -38,7 +38,7 @@ from typing import Final
 
 from aggregator_app.correlate import Correlator, Step
 from aggregator_app.ingest import RawRecord, parse_record
-from aggregator_app.schema import BBox, DetectorEvent, DetectorKind, GroundPoint
+from aggregator_app.schema import DetectorEvent
 from aggregator_app.scoring import (
     BCubed,
     PairScore,
@@ -78,6 +78,7 @@ class Labelled:
     event: DetectorEvent
     truth: str | None
     payload: bytes
+    key: str = ""
 
 
 def data_dir(option: str | None) -> Path:
@@ -106,7 +107,9 @@ def garage_events(path: Path, rules: RulesConfig) -> list[Labelled]:
             replayed=True,
         )
         for event in parse_record(record, source=source, rules=rules, now_ms=0):
-            labelled.append(Labelled(event, truth if moving else None, payload))
+            labelled.append(
+                Labelled(event, truth if moving else None, payload, key=event.camera_id)
+            )
     return labelled
 
 
@@ -165,36 +168,34 @@ def _box(row: Sequence[float]) -> tuple[float, float, float, float]:
 
 
 def tud_events(folder: Path, rules: RulesConfig) -> list[Labelled]:
-    """Return TUD-Stadtmitte's detections as events, with their truth ids."""
+    """Return TUD-Stadtmitte's detections as events, with their truth ids.
+
+    Each detection becomes the MOT row the service would receive (keyed by
+    the sequence, timed by its frame), with the matched ground-truth box's
+    world position in its x, y, z columns; an unmatched detection keeps
+    ``-1`` there and is placed by the camera's homography. The row goes
+    through the MOT adapter, so event ids are those the service makes.
+    """
     detections, truth_rows = tud_rows(folder)
-    labels = tud_truth(detections, truth_rows)
+    matches = tud_truth(detections, truth_rows)
     source = _source(rules, "mot")
     labelled = []
-    for index, (row, matched) in enumerate(zip(detections, labels, strict=True)):
-        frame = int(row[0])
-        label = None if matched is None else str(int(matched[1]))
-        position = (
-            None
-            if matched is None
-            else GroundPoint(x_m=matched[7], y_m=matched[8], z_m=matched[9])
-        )
-        event = DetectorEvent(
-            event_id=f"{_TUD_CAMERA}:{index}",
-            detector=DetectorKind.PERSON,
-            source="mot",
-            camera_id=_TUD_CAMERA,
-            site_id=source.site_id,
-            event_time_ms=_TUD_START_MS + (frame - 1) * 1000 // _TUD_FPS,
-            label="person",
-            confidence=row[6],
-            position=position,
-            bbox_px=BBox(
-                x_min=row[2], y_min=row[3], x_max=row[2] + row[4], y_max=row[3] + row[5]
-            ),
-        )
-        world = row[7:10] if position is None else matched[7:10]  # type: ignore[index]  # set with position
+    for offset, (row, matched) in enumerate(zip(detections, matches, strict=True)):
+        world = row[7:10] if matched is None else matched[7:10]
         payload = ",".join(_number(v) for v in [*row[:7], *world]).encode()
-        labelled.append(Labelled(event, label, payload))
+        time_ms = _TUD_START_MS + (int(row[0]) - 1) * 1000 // _TUD_FPS
+        record = RawRecord(
+            value=payload,
+            key=_TUD_CAMERA.encode(),
+            topic=source.topic,
+            partition=0,
+            offset=offset,
+            timestamp_ms=time_ms,
+            replayed=True,
+        )
+        label = None if matched is None else str(int(matched[1]))
+        for event in parse_record(record, source=source, rules=rules, now_ms=time_ms):
+            labelled.append(Labelled(event, label, payload, key=_TUD_CAMERA))
     return labelled
 
 
@@ -371,6 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="print the TUD-Stadtmitte homography fitted to its ground truth",
     )
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--speed",
+        type=float,
+        help="service mode: replay at this many times real time (default: at once)",
+    )
     args = parser.parse_args(argv)
     rules = load_rules(args.rules)
     folder = data_dir(args.data)
@@ -390,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             started_s = time.monotonic()
             assigned, late = asyncio.run(
-                run_service(dataset, labelled, rules, timeout_s=args.timeout_s)
+                run_service(
+                    dataset, labelled, rules, timeout_s=args.timeout_s, speed=args.speed
+                )
             )
             print(f"{dataset}[service]: took_s={time.monotonic() - started_s:.1f}")
             _print(dataset, labelled, assigned, late, mode="service")
