@@ -39,8 +39,9 @@ is reported once, with how late it was. The cost is latency: an event is
 decided ``grace_s`` after its camera has sent a later one, and no sooner than
 the slowest active camera allows.
 
-A track closes when the site watermark is ``close_after_s`` past its last
-event; it takes no event after ``max_gap_s`` in any case, so closing never
+Once every camera of a site is quiet, its watermark reaches the newest event
+and then follows the wall clock. A track closes when the site watermark is
+``close_after_s`` past its last event; it takes no event after ``max_gap_s`` in any case, so closing never
 changes an assignment.
 """
 
@@ -365,8 +366,23 @@ class Correlator:
         ]
         if active:
             return min(active)
-        # Every camera is quiet: nothing can hold time back any more.
-        return max(marks.values(), default=state.watermark_ms) + self._grace_ms
+        return self._quiet_site_watermark_ms(state, seen, now_s=now_s)
+
+    def _quiet_site_watermark_ms(
+        self, state: SiteState, seen: Mapping[str, float], *, now_s: float
+    ) -> int:
+        """Return the watermark of a site whose every camera is quiet.
+
+        Nothing holds time back: it reaches the newest event, and from then on
+        follows the wall clock, so that the tracks of a silent site close
+        ``close_after_s`` later instead of waiting for its next event.
+        """
+        newest_ms = max(state.camera_watermark_ms.values(), default=state.watermark_ms)
+        last_seen_s = max(seen.values(), default=now_s)
+        quiet_s = max(0.0, now_s - last_seen_s - self.rule.idle_camera_after_s)
+        if math.isinf(quiet_s):
+            return newest_ms + self._grace_ms
+        return newest_ms + self._grace_ms + int(quiet_s * 1000)
 
     def _decide(self, state: SiteState, *, flush: bool) -> Step:
         step = Step()
