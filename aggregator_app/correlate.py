@@ -41,8 +41,13 @@ the slowest active camera allows.
 
 Once every camera of a site is quiet, its watermark reaches the newest event
 and then follows the wall clock. A track closes when the site watermark is
-``close_after_s`` past its last event; it takes no event after ``max_gap_s`` in any case, so closing never
-changes an assignment.
+``close_after_s`` past its last event; it takes no event after ``max_gap_s``
+in any case, so closing never changes an assignment.
+
+Two tracks that one event lies within ``merge_gate_m`` of, with no camera in
+common and no must-not-link pair between them, are one object: the younger
+is closed with ``merged_into`` naming the older, and a consumer reads its
+events as the older's (the evaluation does so).
 """
 
 from __future__ import annotations
