@@ -170,6 +170,8 @@ class SiteState:
     recent: dict[str, str] = field(default_factory=dict)
     recent_ms: dict[str, int] = field(default_factory=dict)
     late_ids: list[str] = field(default_factory=list)
+    #: The ids of ``pending``, for lookups; not stored.
+    pending_ids: set[str] = field(default_factory=set, repr=False)
 
     def to_json(self, *, with_pending: bool = True) -> dict[str, object]:
         """Return the state as a JSON-ready dict.
@@ -310,8 +312,10 @@ class Correlator:
         state = self.site(site_id)
         self._use_site(site_id)
         new_ms = self._site_watermark_ms(state, now_s=now_s, flush=flush)
-        if new_ms > state.watermark_ms:
-            state.watermark_ms = new_ms
+        if new_ms <= state.watermark_ms and not flush:
+            # Nothing new is due: deciding and closing follow the watermark.
+            return Step()
+        state.watermark_ms = max(state.watermark_ms, new_ms)
         return self._decide(state, flush=flush)
 
     def advance_all(self, *, now_s: float, flush: bool = False) -> Step:
@@ -337,6 +341,7 @@ class Correlator:
             return
 
         state.pending.append(event)
+        state.pending_ids.add(event.event_id)
         camera_id = event.camera_id
         seen = self._camera_seen_s.setdefault(state.site_id, {})
         seen[camera_id] = now_s
@@ -345,7 +350,9 @@ class Correlator:
             state.camera_watermark_ms[camera_id] = mark_ms
 
     def _is_pending(self, state: SiteState, event_id: str) -> bool:
-        return any(event.event_id == event_id for event in state.pending)
+        if len(state.pending_ids) != len(state.pending):
+            state.pending_ids = {event.event_id for event in state.pending}
+        return event_id in state.pending_ids
 
     def _late(self, state: SiteState, event: DetectorEvent, step: Step) -> None:
         late_by_ms = state.watermark_ms - event.event_time_ms
@@ -397,6 +404,7 @@ class Correlator:
         )
         if ready:
             state.pending = [e for e in state.pending if e.event_time_ms > watermark_ms]
+            state.pending_ids = {e.event_id for e in state.pending}
         for event in ready:
             self._assign(state, event, step)
 
