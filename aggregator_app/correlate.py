@@ -559,6 +559,8 @@ class Correlator:
                 if camera_id == event.camera_id
                 else self.rule.cross_camera_gate_m
             )
+            # The longer unseen, the further it may have gone (an occlusion).
+            gate_m += self.rule.gate_growth_mps * (time_ms - point.time_ms) / 1000
             distance_m = self._point_distance_m(track, point, event, position)
             if distance_m is not None and distance_m <= gate_m:
                 best_m = distance_m if best_m is None else min(best_m, distance_m)

@@ -88,6 +88,7 @@ class CorrelationOverrides(_Strict):
     same_camera_gate_m: Metres | None = None
     cross_camera_gate_m: Metres | None = None
     merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    gate_growth_mps: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
@@ -108,6 +109,7 @@ class CorrelationRule(_Strict):
     same_camera_gate_m: Metres = 6.0
     cross_camera_gate_m: Metres = 8.0
     merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0
+    gate_growth_mps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.5
     max_speed_mps: Metres = 20.0
     velocity_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
