@@ -57,8 +57,6 @@ logger = logging.getLogger(__name__)
 _rule = rules.correlation
 correlator = Correlator(_rule)
 _site_store = TableSiteStore()
-#: How many late events were seen (each counted once); the web page shows it.
-late_count = 0
 
 
 async def send_to_correlation(event: DetectorEvent, outbox: Outbox) -> None:
@@ -184,13 +182,17 @@ async def _publish_track(track: Track, status: str, outbox: Outbox) -> None:
 
 
 async def _publish_late(late: LateEvent, outbox: Outbox) -> None:
-    global late_count
-    late_count += 1
+    """Publish a late event; the correlator has counted it (``late_count``).
+
+    TODO: the count is logged here, not exported with the other counters;
+    add it to :mod:`aggregator_app.metrics` when the web page shows it.
+    """
     logger.info(
-        "correlate: late event: event_id=%s camera_id=%s late_by_ms=%d",
+        "correlate: late event: event_id=%s camera_id=%s late_by_ms=%d late_count=%d",
         late.event.event_id,
         late.event.camera_id,
         late.late_by_ms,
+        correlator.late_count,
     )
     await outbox.send(
         late_events_topic.get_topic_name(),

@@ -423,8 +423,12 @@ class Correlator:
                 last_ms=event.event_time_ms,
             )
             state.tracks[track.global_id] = track
-            step.opened.append(track)
-        self._update(track, event, position)
+            self._update(track, event, position)
+            # As made, whatever the rest of the batch adds: published again
+            # after a restart, the open record is the same.
+            step.opened.append(Track.from_json(track.to_json()))
+        else:
+            self._update(track, event, position)
         track = self._merge_duplicates(state, track, event, position, step)
         state.recent[event.event_id] = track.global_id
         state.recent_ms[event.event_id] = event.event_time_ms

@@ -174,3 +174,19 @@ def test_site_state_round_trips_through_json() -> None:
     )
     state = correlator.site("site")
     assert SiteState.from_json(state.to_json()).to_json() == state.to_json()
+
+
+def test_an_open_track_is_reported_as_made_whatever_the_batch_adds() -> None:
+    correlator = Correlator(RULE)
+    events = [
+        make_event(1, camera="cam-a", time_ms=0, x_m=0),
+        make_event(2, camera="cam-a", time_ms=500, x_m=0.5),
+        make_event(3, camera="cam-a", time_ms=9_000, x_m=20),
+    ]
+    step = correlator.add(events, now_s=0)
+    first = next(t for t in step.opened if t.global_id == "site:e1")
+    assert (first.member_count, first.member_ids, first.last_ms) == (
+        1,
+        ["e1"],
+        START_MS,
+    )
