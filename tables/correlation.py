@@ -38,6 +38,18 @@ correlation_table = app.Table(
 )
 
 
+def _decoded(value: Any) -> dict[str, Any]:
+    """Return a stored value as a dict.
+
+    Values written by this worker come back as bytes; values recovered from
+    the changelog come back already decoded by faust.
+    """
+    if isinstance(value, dict):
+        return value
+    decoded: dict[str, Any] = json.loads(value)
+    return decoded
+
+
 class TableSiteStore:
     """Site states in the correlation table; changelog records queued for the agent.
 
@@ -83,12 +95,14 @@ class TableSiteStore:
         states: dict[str, SiteState] = {}
         pending: dict[str, list[DetectorEvent]] = {}
         for key, value in self.table.data.items():
+            data = _decoded(value)
             if _PENDING in key:
                 site_id = key.split(_PENDING, 1)[0]
-                event = DetectorEvent.model_validate_json(value)
-                pending.setdefault(site_id, []).append(event)
+                pending.setdefault(site_id, []).append(
+                    DetectorEvent.model_validate(data)
+                )
             else:
-                states[key] = SiteState.from_json(json.loads(value))
+                states[key] = SiteState.from_json(data)
         self._stored_pending = {}
         for site_id, state in states.items():
             state.pending = pending.get(site_id, [])

@@ -219,3 +219,31 @@ def _replay_at_once_and_paced_group_alike(topics: Topics) -> None:
     fast_ids = global_ids(topics, {e["event_id"] for e in fast})
     paced_ids = global_ids(topics, {e["event_id"] for e in paced})
     assert grouping(fast, fast_ids) == grouping(paced, paced_ids)
+
+
+def test_state_survives_a_restart_from_the_changelog(
+    topics: Topics, worker: Any, tmp_path: Path
+) -> None:
+    """After a restart with an empty data dir, the correlation table is read
+    back from its changelog: a redelivered event gets its global id again."""
+    start_ms = int(time.time() * 1000)
+    events = scene(("10_110_6_1_A0", "10_110_6_2_A0"), start_ms)
+    topics.send(events)
+    before = global_ids(topics, {e["event_id"] for e in events})
+    assert len(before) == len(events)
+
+    worker.stop()
+    worker.restart(AGGREGATOR_DATA_DIR=str(tmp_path / "fresh-data"))
+    again = events[-3]
+    topics.send([again])
+
+    def republished(records: list[Any]) -> bool:
+        return sum(key.decode() == again["event_id"] for key, _v, _h in records) >= 2
+
+    records = topics.read(topics.assignments, republished)
+    ids = {
+        json.loads(v)["global_id"]
+        for k, v, _h in records
+        if k.decode() == again["event_id"]
+    }
+    assert ids == {before[again["event_id"]]}
