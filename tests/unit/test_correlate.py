@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator_app.correlate import Correlator, SiteState
-from aggregator_app.schema import DetectorEvent, DetectorKind, GroundPoint
+from aggregator_app.correlate import Correlator, SiteState, ground_position
+from aggregator_app.schema import BBox, DetectorEvent, DetectorKind, GroundPoint
 from rules.config import CorrelationRule
 
 START_MS = 1_700_000_000_000
@@ -189,4 +190,41 @@ def test_an_open_track_is_reported_as_made_whatever_the_batch_adds() -> None:
         1,
         ["e1"],
         START_MS,
+    )
+
+
+def test_without_positions_adjacent_zones_are_one_object() -> None:
+    rule = RULE.model_copy(update={"zone_adjacency": {"ramp": ["lane-1"]}})
+    events = [
+        make_event(1, camera="cam-a", time_ms=0, x_m=0).model_copy(
+            update={"position": None, "zone_id": "ramp"}
+        ),
+        make_event(2, camera="cam-b", time_ms=500, x_m=0).model_copy(
+            update={"position": None, "zone_id": "lane-1"}
+        ),
+        make_event(3, camera="cam-b", time_ms=600, x_m=0).model_copy(
+            update={"position": None, "zone_id": "exit"}
+        ),
+    ]
+    ids = run(events, rule)
+    assert ids["e1"] == ids["e2"] != ids["e3"]
+
+
+def test_ground_position_from_the_camera_homography() -> None:
+    rule = RULE.model_copy(
+        update={
+            "homographies": {
+                "cam-a": ((0.01, 0.0, 1.0), (0.0, 0.02, -2.0), (0.0, 0.0, 1.0))
+            }
+        }
+    )
+    event = make_event(1, camera="cam-a", time_ms=0, x_m=0).model_copy(
+        update={
+            "position": None,
+            "bbox_px": BBox(x_min=100, y_min=50, x_max=300, y_max=250),
+        }
+    )
+    assert ground_position(event, rule) == pytest.approx((3.0, 3.0))
+    assert (
+        ground_position(event.model_copy(update={"camera_id": "cam-b"}), rule) is None
     )
