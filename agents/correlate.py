@@ -87,7 +87,8 @@ async def correlate_agent(stream: StreamT) -> None:
             for site_id in _sites_of(partition):
                 step.extend(correlator.advance(site_id, now_s=now_s))
         await _publish(step, outbox)
-        await _save(partition, outbox)
+        if events or _decided_anything(step):
+            await _save(partition, outbox)
         latency.observe("correlate", time.perf_counter() - started_s, len(messages))
         await in_flight.hand_over(
             outbox, timed_ack(event, "correlate_to_publish", started_s, len(messages))
@@ -110,6 +111,11 @@ def _read(messages: Sequence[Message]) -> tuple[list[DetectorEvent], bool]:
                 exc,
             )
     return events, ticked
+
+
+def _decided_anything(step: Step) -> bool:
+    """Return whether a tick changed any state worth writing to the table."""
+    return bool(step.assignments or step.opened or step.closed or step.late)
 
 
 def _sites_of(partition: int) -> list[str]:
