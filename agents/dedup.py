@@ -48,6 +48,14 @@ from aggregator_app.topics import (
 )
 from tables.dedup import TableSpanStore
 
+
+async def send_to_correlation(event: DetectorEvent, outbox: Outbox) -> None:
+    """Hand an accepted event to correlation (``agents.correlate``)."""
+    from agents.correlate import send_to_correlation as send
+
+    await send(event, outbox)
+
+
 __all__ = [
     "dedup_agent",
     "deduplicate_batch",
@@ -169,6 +177,7 @@ async def deduplicate_batch(
     for detector_event, position in events:
         decision = _observe(detector_event, partition, position, latest_ms)
         decisions.append((detector_event, decision))
+        await send_to_correlation(detector_event, outbox)
         if decision.outcome in ("kept", "reprocessed"):
             await _publish(detector_event, decision.span, "open", outbox)
 

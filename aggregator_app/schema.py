@@ -28,6 +28,7 @@ __all__ = [
     "ActionEvent",
     "AggregatedEvent",
     "BBox",
+    "CorrelatedEvent",
     "DetectorEvent",
     "DetectorKind",
     "EpisodeEvent",
@@ -247,6 +248,40 @@ class EpisodeEvent(_Frozen):
         return self.model_dump_json()
 
 
+class CorrelatedEvent(_Frozen):
+    """One physical object of a site, as several cameras (or repeats) saw it.
+
+    Published on ``aggregated-events`` by correlation: ``status="open"`` when
+    its global id is made, ``status="closed"`` once the object has not been
+    seen for ``close_after_s`` of event time, or when it turned out to be the
+    same object as an older global id (``merged_into``). ``aggregated_id`` is
+    made from the global id and the status: published again after a restart,
+    the record is recognisably the same.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    aggregated_id: Identifier
+    type: Literal["correlated"]
+    status: Literal["open", "closed"]
+    rule_id: Identifier
+    global_id: Identifier
+    site_id: str
+    cameras: list[str]
+    first_seen_ms: int
+    last_seen_ms: int
+    member_count: int = Field(ge=0)
+    member_ids: list[str] = Field(
+        default_factory=list, description="the first max_member_ids members"
+    )
+    last_position: GroundPoint | None = None
+    merged_into: str | None = None
+
+    @functools.cached_property
+    def json_text(self) -> str:
+        """Return the event as JSON, made once: the model is frozen."""
+        return self.model_dump_json()
+
+
 def json_schema() -> dict[str, object]:
     """Return the JSON Schema of every published model, as written to docs/."""
     return {
@@ -256,6 +291,7 @@ def json_schema() -> dict[str, object]:
         "AggregatedEvent": AggregatedEvent.model_json_schema(),
         "ActionEvent": ActionEvent.model_json_schema(),
         "EpisodeEvent": EpisodeEvent.model_json_schema(),
+        "CorrelatedEvent": CorrelatedEvent.model_json_schema(),
     }
 
 

@@ -42,6 +42,7 @@ from aggregator_app.metrics import latency
 from aggregator_app.schema import (
     ActionEvent,
     AggregatedEvent,
+    CorrelatedEvent,
     DetectorEvent,
     EpisodeEvent,
 )
@@ -51,6 +52,7 @@ from aggregator_app.store import (
     StoreWriter,
     action_event_row,
     aggregated_event_row,
+    correlated_event_row,
     detector_event_row,
     episode_event_row,
     open_store,
@@ -60,6 +62,7 @@ __all__ = [
     "action_event",
     "aggregated_event",
     "aggregated_events",
+    "correlated_event",
     "backlog_rows",
     "before_commit",
     "detector_event",
@@ -165,6 +168,12 @@ def aggregated_events(events: Sequence[AggregatedEvent]) -> None:
     writer().submit_aggregated(
         [aggregated_event_row(event, inserted_at_ms=inserted_at_ms) for event in events]
     )
+
+
+def correlated_event(event: CorrelatedEvent) -> None:
+    """Record a published ``correlated`` event (in ``aggregated_events``)."""
+    row = correlated_event_row(event, inserted_at_ms=int(time.time() * 1000))
+    writer().submit_aggregated([row])
 
 
 def action_event(event: ActionEvent) -> None:

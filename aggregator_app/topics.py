@@ -21,10 +21,14 @@ __all__ = [
     "TICK_HEADER",
     "TOPIC_CONFIG",
     "aggregated_topic",
+    "assignments_topic",
+    "correlation_topic",
     "dead_letter_topic",
     "detector_events_topic",
     "has_header",
+    "late_events_topic",
     "partition_for_camera",
+    "partition_for_site",
     "source_topic",
 ]
 
@@ -74,6 +78,12 @@ def partition_for_camera(camera_id: str) -> int:
     return (murmur2(camera_id.encode()) & 0x7FFFFFFF) % rules.partitions
 
 
+@functools.lru_cache(maxsize=4096)
+def partition_for_site(site_id: str) -> int:
+    """Return the partition of a site's correlation events and state."""
+    return (murmur2(site_id.encode()) & 0x7FFFFFFF) % rules.partitions
+
+
 def has_header(message: Message, name: str) -> bool:
     """Return whether a record carries a header called ``name``."""
     headers = message.headers or ()
@@ -84,10 +94,20 @@ def has_header(message: Message, name: str) -> bool:
 detector_events_topic = _raw_topic(f"{app.conf.id}-detector-events", batched=True)
 aggregated_topic = _raw_topic(rules.aggregated_topic)
 dead_letter_topic = _raw_topic(rules.dead_letter_topic)
+#: Accepted events keyed by site id: every camera of a site meets one worker.
+correlation_topic = _raw_topic(f"{app.conf.id}-correlation", batched=True)
+#: Per event, the global id correlation gave it: key event id, value JSON.
+assignments_topic = _raw_topic(f"{app.conf.id}-assignments")
+late_events_topic = _raw_topic(rules.correlation.late_events_topic)
 
 
 @app.task
 async def _declare_output_topics() -> None:
     """Create the topics this worker only writes to, with our partition count."""
-    for topic in (aggregated_topic, dead_letter_topic):
+    for topic in (
+        aggregated_topic,
+        dead_letter_topic,
+        assignments_topic,
+        late_events_topic,
+    ):
         await topic.maybe_declare()

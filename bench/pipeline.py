@@ -64,7 +64,10 @@ __all__ = ["BenchConfig", "PassResult", "main"]
 
 REPO: Final = Path(__file__).resolve().parent.parent
 VENV_BIN: Final = REPO / ".venv" / "bin"
-RULES: Final = REPO / "config" / "aggregation-rules.yml"
+#: ``BENCH_RULES`` names another rules file (e.g. one with correlation off).
+RULES: Final = Path(
+    os.environ.get("BENCH_RULES", REPO / "config" / "aggregation-rules.yml")
+)
 BROKER_PID_FILE: Final = REPO / ".var" / "kafka" / "kafka.pid"
 GARAGE_FILES: Final = (
     Path("/work/shared/data/deepstream-360d-garage/demo-1.jsonl"),

@@ -23,6 +23,8 @@ from aggregator_app.exceptions import ConfigError
 __all__ = [
     "ActionRules",
     "CameraInfo",
+    "CorrelationOverrides",
+    "CorrelationRule",
     "DedupRule",
     "EpisodeRule",
     "EventMatch",
@@ -181,6 +183,87 @@ class EpisodeRule(_Strict):
         return self
 
 
+Metres = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Homography = tuple[
+    tuple[float, float, float],
+    tuple[float, float, float],
+    tuple[float, float, float],
+]
+
+
+class CorrelationOverrides(_Strict):
+    """Distances and times of one site, where they differ (people, not cars)."""
+
+    max_gap_s: PositiveSeconds | None = None
+    same_camera_gate_m: Metres | None = None
+    cross_camera_gate_m: Metres | None = None
+    merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    gate_growth_mps: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+class CorrelationRule(_Strict):
+    """When events of several cameras (or repeats of one) are one object.
+
+    See :mod:`aggregator_app.correlate` for how these are used.
+    """
+
+    enabled: bool = True
+    rule_id: str = "correlate"
+    late_events_topic: TopicName = "late-events"
+    grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    idle_camera_after_s: PositiveSeconds = 5.0
+    max_gap_s: PositiveSeconds = 3.0
+    close_after_s: PositiveSeconds = 10.0
+    same_camera_gate_m: Metres = 6.0
+    cross_camera_gate_m: Metres = 8.0
+    merge_gate_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0
+    gate_growth_mps: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    same_frame_merge_m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 2.5
+    max_speed_mps: Metres = 20.0
+    velocity_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_velocity_dt_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    max_member_ids: Annotated[int, Field(ge=0)] = 100
+    max_remembered_late: Annotated[int, Field(ge=0)] = 10_000
+    must_not_link: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="camera id -> cameras whose events never share a global id",
+    )
+    homographies: dict[str, Homography] = Field(
+        default_factory=dict,
+        description="camera id -> 3x3 matrix, image pixels (foot point) -> metres",
+    )
+    zone_adjacency: dict[str, list[str]] = Field(default_factory=dict)
+    site_overrides: dict[str, CorrelationOverrides] = Field(
+        default_factory=dict,
+        description="site id -> distances and times that differ there",
+    )
+
+    def for_site(self, site_id: str) -> CorrelationRule:
+        """Return the rule in force at a site: its overrides over the rest."""
+        overrides = self.site_overrides.get(site_id)
+        if overrides is None:
+            return self
+        return self.model_copy(update=overrides.model_dump(exclude_none=True))
+
+    @model_validator(mode="after")
+    def _no_self_links(self) -> CorrelationRule:
+        for camera_id, others in self.must_not_link.items():
+            if camera_id in others:
+                raise ValueError(f"camera {camera_id!r} must-not-link with itself")
+        return self
+
+    def must_not_link_map(self) -> dict[str, frozenset[str]]:
+        """Return the must-not-link pairs both ways: camera -> cameras."""
+        links: dict[str, set[str]] = {}
+        for camera_id, others in self.must_not_link.items():
+            for other in others:
+                links.setdefault(camera_id, set()).add(other)
+                links.setdefault(other, set()).add(camera_id)
+        return {camera_id: frozenset(others) for camera_id, others in links.items()}
+
+
 class CameraInfo(_Strict):
     """What is known about one camera; used to accept and enrich its events."""
 
@@ -220,6 +303,7 @@ class RulesConfig(_Strict):
     dedup: DedupRule = DedupRule()
     actions: ActionRules = Field(default_factory=ActionRules)
     episodes: EpisodeRule = Field(default_factory=EpisodeRule)
+    correlation: CorrelationRule = CorrelationRule()
     sites: dict[str, SiteInfo] = Field(default_factory=dict)
     cameras: dict[str, CameraInfo] = Field(default_factory=dict)
 
@@ -251,6 +335,11 @@ class RulesConfig(_Strict):
                 "sources": sources,
                 "aggregated_topic": prefix + self.aggregated_topic,
                 "dead_letter_topic": prefix + self.dead_letter_topic,
+                "correlation": self.correlation.model_copy(
+                    update={
+                        "late_events_topic": prefix + self.correlation.late_events_topic
+                    }
+                ),
             }
         )
 

@@ -29,6 +29,7 @@ from aggregator_app.store.base import (
     Outcome,
     action_event_row,
     aggregated_event_row,
+    correlated_event_row,
     detector_event_row,
     episode_event_row,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "StoreWriterService",
     "action_event_row",
     "aggregated_event_row",
+    "correlated_event_row",
     "detector_event_row",
     "episode_event_row",
     "open_store",

@@ -25,6 +25,7 @@ from aggregator_app.exceptions import StoreError, StoreUnavailable
 from aggregator_app.schema import (
     ActionEvent,
     AggregatedEvent,
+    CorrelatedEvent,
     DetectorEvent,
     EpisodeEvent,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "FILTER_COLUMNS",
     "DEFAULT_TTL_DAYS",
     "AggregatedEventRow",
+    "correlated_event_row",
     "ClickHouseStore",
     "DetectorEventRow",
     "EventStore",
@@ -256,6 +258,40 @@ def aggregated_event_row(
         end_time_ms=event.end_time_ms,
         absorbed_count=event.absorbed_count,
         tracker_id=inner.tracker_id or "",
+        position_x_m=None if position is None else position.x_m,
+        position_y_m=None if position is None else position.y_m,
+        payload=event.json_text,
+        version=inserted_at_ms,
+    )
+
+
+def correlated_event_row(
+    event: CorrelatedEvent, *, inserted_at_ms: int
+) -> AggregatedEventRow:
+    """Return the ``aggregated_events`` row of a published ``correlated`` event.
+
+    The table's columns fit: ``event_id`` holds the global id, ``camera_id``
+    the first camera, the times are first and last seen, ``absorbed_count`` is
+    the member count; the whole event is in ``payload``. No new table is
+    needed, on ClickHouse 18.16 or chdb.
+    """
+    position = event.last_position
+    return AggregatedEventRow(
+        aggregated_id=event.aggregated_id,
+        status=event.status,
+        type=event.type,
+        rule_id=event.rule_id,
+        event_id=event.global_id,
+        detector="",
+        camera_id=event.cameras[0] if event.cameras else "",
+        site_id=event.site_id,
+        zone_id="",
+        label="",
+        confidence=None,
+        event_time_ms=event.first_seen_ms,
+        end_time_ms=event.last_seen_ms,
+        absorbed_count=event.member_count,
+        tracker_id="",
         position_x_m=None if position is None else position.x_m,
         position_y_m=None if position is None else position.y_m,
         payload=event.json_text,

@@ -271,7 +271,7 @@ def test_worker_keeps_working_through_a_clickhouse_outage(
     }
     opened = private_clickhouse.query(
         f"SELECT aggregated_id FROM `{database}`.aggregated_events "
-        "WHERE status = 'open'"
+        "WHERE status = 'open' AND type = 'observation'"
     )
     assert stored == event_ids
     assert {row[0] for row in opened} == open_ids

@@ -79,8 +79,13 @@ def wait_for(condition: Callable[[], bool], *, timeout_s: float, what: str) -> N
 
 
 def observations(records: list[Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Return the observations by (id, status); correlated events are left out."""
     decoded = (orjson.loads(record.value) for record in records)
-    return {(item["aggregated_id"], item["status"]): item for item in decoded}
+    return {
+        (item["aggregated_id"], item["status"]): item
+        for item in decoded
+        if item["type"] == "observation"
+    }
 
 
 def store_replay(*args: str, env: dict[str, str]) -> str:
