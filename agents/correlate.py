@@ -33,6 +33,7 @@ from faust.types import Message, StreamT
 from pydantic import ValidationError
 
 from agents.dedup import in_flight, manual_acks, timed_ack
+from agents.episodes import fuse_batch, fuser
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.correlate import Correlator, LateEvent, Step, Track
@@ -87,6 +88,7 @@ async def correlate_agent(stream: StreamT) -> None:
             for site_id in _sites_of(partition):
                 step.extend(correlator.advance(site_id, now_s=now_s))
         await _publish(step, outbox)
+        await _fuse(step, partition, outbox)
         if events or _decided_anything(step):
             await _save(partition, outbox)
         latency.observe("correlate", time.perf_counter() - started_s, len(messages))
@@ -111,6 +113,27 @@ def _read(messages: Sequence[Message]) -> tuple[list[DetectorEvent], bool]:
                 exc,
             )
     return events, ticked
+
+
+async def _fuse(step: Step, partition: int, outbox: Outbox) -> None:
+    """Hand the batch's decided events to temporal fusion (episodes).
+
+    Fusion runs here, on the site's partition: every global id of a site is
+    made on it, and the episode panes are co-partitioned with it. The
+    sites' watermarks go with the events, so that episodes close by event
+    time.
+    """
+    pairs = [
+        (assignment.global_id, assignment.event)
+        for assignment in step.assignments
+        if assignment.event is not None
+    ]
+    watermarks_ms = {
+        site_id: correlator.watermark_ms(site_id) for site_id in _sites_of(partition)
+    }
+    await fuse_batch(
+        pairs, partition=partition, outbox=outbox, site_watermarks_ms=watermarks_ms
+    )
 
 
 def _decided_anything(step: Step) -> bool:
@@ -229,7 +252,8 @@ async def _save(partition: int, outbox: Outbox) -> None:
 
 @app.timer(interval=1.0)
 async def _tick_quiet_sites() -> None:
-    """Ask the partitions of sites with undecided events or open tracks to move on.
+    """Ask the partitions of sites with undecided events, open tracks or open
+    episodes to move on.
 
     A tick record goes through the partition like any record, so the state
     changes it causes are made inside the agent, beside the table.
@@ -240,7 +264,11 @@ async def _tick_quiet_sites() -> None:
     }
     for site_id, state in correlator.sites.items():
         partition = partition_for_site(site_id)
-        busy = state.pending or any(not t.closed for t in state.tracks.values())
+        busy = (
+            state.pending
+            or any(not t.closed for t in state.tracks.values())
+            or fuser.has_open(site_id)
+        )
         if partition in assigned and busy:
             await app.producer.send(
                 topic_name, None, b"", partition, None, [(TICK_HEADER, b"1")]

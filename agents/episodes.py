@@ -1,22 +1,16 @@
-"""Temporal fusion's entry point: a batch of (global id, event) pairs in, episodes out.
+"""Temporal fusion: a batch of (global id, event) pairs in, episodes out.
 
-Cross-camera correlation gives detector events a global id. Where it
-publishes them (a topic keyed by global id, ``rules.partitions`` partitions),
-an agent iterating over batches of that topic calls :func:`fuse_batch` with
-the batch's pairs and its outbox, exactly as the dedup agent calls
-``deduplicate_batch``; the episode table (:mod:`tables.episodes`) is then
-co-partitioned with that topic. Correlation's per-site watermark, when it
-has one, goes to :func:`advance_site`.
-
-TODO: no agent calls :func:`fuse_batch` yet, because the global ids come
-from correlation, built on another branch; the mark goes when its agent
-calls it and an integration test shows episodes on the aggregated topic.
+The correlation agent (:mod:`agents.correlate`) calls :func:`fuse_batch` for
+every batch of a site's partition of the correlation topic, with the events
+it decided there (each with its global id) and the sites' watermarks. Every
+global id of a site is made on that partition, so the episode table
+(:mod:`tables.episodes`) is co-partitioned with the correlation topic.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aggregator_app import sink
@@ -56,7 +50,11 @@ def advance_site(site_id: str | None, watermark_ms: int) -> None:
 
 
 async def fuse_batch(
-    pairs: Sequence[tuple[str, DetectorEvent]], *, partition: int, outbox: Outbox
+    pairs: Sequence[tuple[str, DetectorEvent]],
+    *,
+    partition: int,
+    outbox: Outbox,
+    site_watermarks_ms: Mapping[str, int] | None = None,
 ) -> list[EpisodeEvent]:
     """Fuse one batch of ``partition``; publish and store the episodes it ends.
 
@@ -66,6 +64,10 @@ async def fuse_batch(
     """
     for global_id, event in pairs:
         fuser.observe(observation_of(global_id, event), partition=partition)
+    # Correlation decides events once its watermark has passed them: the
+    # watermark moves after the batch's events are held, or they would be late.
+    for site_id, watermark_ms in (site_watermarks_ms or {}).items():
+        advance_site(site_id, watermark_ms)
     episodes = fuser.close_due()
 
     for episode in episodes:

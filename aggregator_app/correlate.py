@@ -130,6 +130,8 @@ class Assignment:
     site_id: str
     camera_id: str
     event_time_ms: int
+    #: The event itself, for what is fused from it (episodes); not compared.
+    event: DetectorEvent | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,4 +703,5 @@ def _assignment(event: DetectorEvent, global_id: str) -> Assignment:
         site_id=event.site_id or "",
         camera_id=event.camera_id,
         event_time_ms=event.event_time_ms,
+        event=event,
     )

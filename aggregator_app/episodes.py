@@ -159,6 +159,10 @@ class EpisodeFuser:
             pane.append(observation)
             self._dirty.add((observation.global_id, pane_ms))
 
+    def has_open(self, site_id: str) -> bool:
+        """Return whether a site has observations not yet in an emitted episode."""
+        return any(held.site_id == site_id for held in self._objects.values())
+
     def advance(self, site_id: str, watermark_ms: int) -> None:
         """Move a site's watermark on (never back)."""
         if watermark_ms > self._watermark_ms.get(site_id, -1):

@@ -1,12 +1,10 @@
 """The episode table: observations of global objects by hopping-window pane.
 
 Keyed by ``[global id, pane start ms]`` (see :mod:`aggregator_app.episodes`),
-the value is the pane's observations. It must be read and written inside an
-agent iterating over a topic keyed by global id with ``rules.partitions``
-partitions, so that the table's partitions follow that topic
-(co-partitioned). That topic is cross-camera correlation's output; until it
-exists nothing writes this table. Changes are sent with the batch's output, as
-the dedup table's are.
+the value is the pane's observations. It is read and written inside the
+correlation agent, on the partition of the correlation topic that holds the
+object's site, so the table's partitions follow that topic (co-partitioned).
+Changes are sent with the batch's output, as the dedup table's are.
 """
 
 from __future__ import annotations

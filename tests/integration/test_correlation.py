@@ -34,6 +34,7 @@ GRACE_S = 5.0
 def rules_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rules = yaml.safe_load((REPO_ROOT / "config/aggregation-rules.yml").read_text())
     rules["correlation"].update(grace_s=GRACE_S, idle_camera_after_s=2, close_after_s=2)
+    rules["episodes"].update(gap_s=2, grace_s=1)
     path = tmp_path_factory.mktemp("rules") / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     return path
@@ -182,6 +183,32 @@ def test_two_cameras_one_object_one_global_id_closed_when_silent_and_stored(
             "SELECT count() FROM aggregated_events WHERE type = 'correlated'"
         )
     assert rows[0][0] >= 4  # two global ids, open and closed
+
+
+def test_an_object_seen_by_two_cameras_makes_one_episode(topics: Topics) -> None:
+    """Once the cameras fall silent, each object's observations are fused
+    into one final episode: both cameras, start to end, published once."""
+    start_ms = int(time.time() * 1000)
+    events = scene(("10_110_6_1_A0", "10_110_6_2_A0"), start_ms)
+    topics.send(events)
+    ids = global_ids(topics, {e["event_id"] for e in events})
+    car = ids[events[0]["event_id"]]
+
+    def episode_of_car(records: list[Any]) -> bool:
+        return any(car.encode() in v and b'"episode"' in v for _k, v, _h in records)
+
+    published = topics.read(topics.aggregated, episode_of_car)
+    episodes = [
+        json.loads(v)
+        for _k, v, _h in published
+        if b'"type":"episode"' in v and json.loads(v)["global_id"] == car
+    ]
+    assert len(episodes) == 1
+    episode = episodes[0]
+    assert set(episode["cameras"]) == {"10_110_6_1_A0", "10_110_6_2_A0"}
+    assert episode["observation_count"] == 12
+    assert episode["start_time_ms"] == start_ms
+    assert episode["end_time_ms"] == start_ms + 5 * 500 + 3
 
 
 def test_late_event_once_and_replay_at_once_groups_as_paced(topics: Topics) -> None:
