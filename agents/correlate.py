@@ -37,7 +37,7 @@ from agents.episodes import fuse_batch, fuser
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.correlate import Correlator, LateEvent, Step, Track
-from aggregator_app.metrics import latency
+from aggregator_app.metrics import counters, latency
 from aggregator_app.outbox import Outbox
 from aggregator_app.schema import CorrelatedEvent, DetectorEvent, GroundPoint
 from aggregator_app.topics import (
@@ -169,6 +169,9 @@ async def _publish(step: Step, outbox: Outbox) -> None:
         await _publish_track(track, "closed", outbox)
     for late in step.late:
         await _publish_late(late, outbox)
+    counters.correlated_open += len(step.opened)
+    counters.correlated_closed += len(step.closed)
+    counters.correlation_late += len(step.late)
 
 
 def correlated_event(track: Track, status: str) -> CorrelatedEvent:

@@ -16,6 +16,7 @@ from typing import Any
 from aggregator_app import sink
 from aggregator_app.app import app, rules
 from aggregator_app.episodes import EpisodeFuser, Observation
+from aggregator_app.metrics import counters
 from aggregator_app.outbox import Outbox
 from aggregator_app.schema import DetectorEvent, EpisodeEvent
 from aggregator_app.topics import aggregated_topic
@@ -79,6 +80,7 @@ async def fuse_batch(
             timestamp_ms=episode.start_time_ms,
         )
         sink.episode_event(episode)
+        counters.episodes_published += 1
 
     for key, _partition, observations in fuser.take_changes():
         _pane_store.put(key, observations)

@@ -167,9 +167,20 @@ class _StreamCounter(threading.Thread):
             return self.events
 
 
+#: Counters of everything published on the aggregated topic.
+_PUBLISHED_COUNTERS = (
+    "published_open",
+    "published_closed",
+    "correlated_open",
+    "correlated_closed",
+    "episodes_published",
+    "actions_published",
+)
+
+
 def _published(summary: dict[str, Any]) -> int:
     counts = summary.get("counts", {})
-    return int(counts.get("published_open", 0)) + int(counts.get("published_closed", 0))
+    return sum(int(counts.get(name, 0)) for name in _PUBLISHED_COUNTERS)
 
 
 def _start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -227,7 +238,8 @@ def _replay(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _wait_done(base_url: str, *, sent: int, timeout_s: float) -> dict[str, Any]:
-    """Wait until every record is handled, every span closed, every row stored."""
+    """Wait until every record is handled, every span, object and episode
+    closed, every row stored."""
     deadline = time.monotonic() + timeout_s
     summary: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -238,6 +250,10 @@ def _wait_done(base_url: str, *, sent: int, timeout_s: float) -> dict[str, Any]:
             "redeliveries", 0
         ) >= counts.get("accepted_events", 1)
         closed = counts.get("published_closed", -1) >= counts.get("published_open", 0)
+        closed = closed and counts.get("correlated_closed", -1) >= counts.get(
+            "correlated_open", 0
+        )
+        closed = closed and counts.get("episode_objects_open", 1) == 0
         stored = counts.get("store_backlog_rows", 1) == 0
         stored = stored and counts.get("in_flight_records", 1) == 0
         if handled and deduplicated and closed and stored:
@@ -261,8 +277,14 @@ def _print_summary(summary: dict[str, Any], *, run_id: str, log: Path) -> None:
         ("late (beyond grace)", counts.get("late")),
         ("observations published (open)", counts.get("published_open")),
         ("observations published (closed)", counts.get("published_closed")),
+        ("objects correlated (global ids)", counts.get("correlated_open")),
+        ("  closed", counts.get("correlated_closed")),
+        ("  late (to late-events)", counts.get("correlation_late")),
+        ("episodes published", counts.get("episodes_published")),
+        ("actions published", counts.get("actions_published")),
         ("detector events stored", stored.get("detector_events")),
         ("aggregated events stored", stored.get("aggregated_events")),
+        ("aggregated events published", _published(summary)),
         ("aggregated events streamed (SSE)", summary.get("streamed")),
     ]
     print(f"\nrun {run_id} (worker log: {log})")

@@ -159,6 +159,18 @@ class EpisodeFuser:
             pane.append(observation)
             self._dirty.add((observation.global_id, pane_ms))
 
+    def held(self, global_id: str) -> list[Observation]:
+        """Return the observations of an object not yet in an emitted episode."""
+        held = self._objects.get(global_id)
+        if held is None:
+            return []
+        return sorted(o for pane in held.panes.values() for o in pane)
+
+    @property
+    def open_objects(self) -> int:
+        """Return how many global objects have observations not yet emitted."""
+        return len(self._objects)
+
     def has_open(self, site_id: str) -> bool:
         """Return whether a site has observations not yet in an emitted episode."""
         return any(held.site_id == site_id for held in self._objects.values())

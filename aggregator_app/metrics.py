@@ -52,6 +52,10 @@ class WorkerCounters:
     published_closed: int = 0
     actions_published: int = 0
     actions_late: int = 0
+    correlated_open: int = 0
+    correlated_closed: int = 0
+    correlation_late: int = 0
+    episodes_published: int = 0
 
     def reject(self, reason: str) -> None:
         """Count one rejected message."""
@@ -101,6 +105,10 @@ _COUNTER_HELP = {
     "published_closed": "Closed observations published.",
     "actions_published": "Action events published (again after a restart too).",
     "actions_late": "Events too late (watermark - grace) to join an action.",
+    "correlated_open": "Global objects made (correlated events, open).",
+    "correlated_closed": "Global objects closed (correlated events, closed).",
+    "correlation_late": "Events behind their site's watermark, sent to late-events.",
+    "episodes_published": "Episodes (temporal fusion) published.",
 }
 
 

@@ -38,7 +38,9 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
+from agents.correlate import correlator
 from agents.dedup import in_flight
+from agents.episodes import fuser
 from aggregator_app import sink
 from aggregator_app.access import access_middleware
 from aggregator_app.app import app, rules, settings
@@ -60,8 +62,11 @@ from aggregator_app.table_queries import (
 )
 from aggregator_app.topics import (
     partition_for_camera,
+    partition_for_site,
 )
+from tables.correlation import correlation_table
 from tables.dedup import TableSpanStore, dedup_table
+from tables.episodes import episode_table
 
 __all__ = [
     "CountsView",
@@ -124,6 +129,7 @@ def _counts() -> dict[str, Any]:
     data = counters.as_dict()
     data["store_backlog_rows"] = sink.backlog_rows()
     data["in_flight_records"] = in_flight.records
+    data["episode_objects_open"] = fuser.open_objects
     data["assigned_partitions"] = len(app.assignor.assigned_actives())
     data["stream_clients"] = sum(len(hub.subscribers) for hub in hubs.values())
     data["stream_clients_dropped"] = sum(
@@ -176,6 +182,80 @@ table_queries.register(
         partition=_dedup_partition,
         answer=_dedup_answer,
         help="Dedup spans of a key in the windows around an event time.",
+    )
+)
+
+
+_MAX_ID_CHARS = 512
+
+
+def _required(params: Params, name: str) -> str:
+    value = params.get(name, "")
+    if not 0 < len(value) <= _MAX_ID_CHARS:
+        raise InvalidQuery(f"{name} must be 1..{_MAX_ID_CHARS} characters")
+    return value
+
+
+def _correlation_answer(params: Params) -> dict[str, Any]:
+    """Return a site's correlation state: watermarks, tracks, pending events."""
+    site_id = _required(params, "site_id")
+    state = correlator.sites.get(site_id)
+    if state is None:
+        return {"site_id": site_id, "known": False}
+    global_id = params.get("global_id")
+    tracks = {
+        key: track.to_json()
+        for key, track in state.tracks.items()
+        if global_id is None or key == global_id
+    }
+    return {
+        "site_id": site_id,
+        "known": True,
+        "watermark_ms": state.watermark_ms,
+        "camera_watermark_ms": dict(state.camera_watermark_ms),
+        "pending_events": len(state.pending),
+        "tracks": tracks,
+    }
+
+
+def _episode_partition(params: Params) -> int:
+    global_id = _required(params, "global_id")
+    site_id, _, rest = global_id.partition(":")
+    if not rest:
+        raise InvalidQuery("global_id must be <site id>:<id>, as correlation makes it")
+    return partition_for_site(site_id)
+
+
+def _episode_answer(params: Params) -> dict[str, Any]:
+    """Return what is held of a global object's episode, not yet emitted."""
+    global_id = params["global_id"]
+    site_id = global_id.partition(":")[0]
+    observations = fuser.held(global_id)
+    return {
+        "global_id": global_id,
+        "site_watermark_ms": fuser.watermark_ms(site_id),
+        "observations": [observation.to_json() for observation in observations],
+    }
+
+
+table_queries.register(
+    TableQuery(
+        name="correlation",
+        table=correlation_table,
+        params=("site_id", "global_id"),
+        partition=lambda params: partition_for_site(_required(params, "site_id")),
+        answer=_correlation_answer,
+        help="A site's correlation state: watermarks and tracks (one global_id).",
+    )
+)
+table_queries.register(
+    TableQuery(
+        name="episodes",
+        table=episode_table,
+        params=("global_id",),
+        partition=_episode_partition,
+        answer=_episode_answer,
+        help="Observations of a global object held for its episode, not yet emitted.",
     )
 )
 

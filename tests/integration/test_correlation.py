@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -142,6 +144,15 @@ def scene(cameras: tuple[str, str], start_ms: int) -> list[dict[str, Any]]:
     return events
 
 
+def table_state(worker: Any, table: str, **params: str) -> Any:
+    query = urllib.parse.urlencode(params)
+    request = urllib.request.Request(
+        f"{worker.url}/aggregator/tables/{table}/?{query}", headers=worker.auth_headers
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 def grouping(events: Sequence[dict[str, Any]], ids: dict[str, str]) -> list[int]:
     """Return, per event index, the index of the first event of its group."""
     first_of: dict[str, int] = {}
@@ -159,6 +170,18 @@ def test_two_cameras_one_object_one_global_id_closed_when_silent_and_stored(
     ids = global_ids(topics, {e["event_id"] for e in events})
     assert len(ids) == len(events)
     assert grouping(events, ids) == [0, 0, 2] * 6
+
+    # The table state of the site and of the car's episode, over the web port.
+    car_id = ids[events[0]["event_id"]]
+    site = table_state(worker, "correlation", site_id="endeavor", global_id=car_id)
+    assert site["result"]["known"] is True
+    assert site["result"]["tracks"][car_id]["member_count"] == 12
+    held = table_state(worker, "episodes", global_id=car_id)
+    assert held["result"]["global_id"] == car_id
+    assert table_state(worker, "correlation", site_id="nowhere")["result"] == {
+        "site_id": "nowhere",
+        "known": False,
+    }
 
     def closed(records: list[Any]) -> bool:
         return (

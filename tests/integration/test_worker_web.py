@@ -216,15 +216,11 @@ def test_table_queries_validate_their_parameters(
     assert unknown[0] == 404
     assert twice[0] == 400 and "time_ms" in twice[1]["error"]
     assert other_camera[0] == 400 and "camera_id" in other_camera[1]["error"]
-    assert index == (
-        200,
-        {
-            "dedup": {
-                "params": ["key", "time_ms", "camera_id"],
-                "help": index[1]["dedup"]["help"],
-            }
-        },
-    )
+    assert index[0] == 200
+    assert sorted(index[1]) == ["correlation", "dedup", "episodes"]
+    assert index[1]["dedup"]["params"] == ["key", "time_ms", "camera_id"]
+    assert index[1]["correlation"]["params"] == ["site_id", "global_id"]
+    assert index[1]["episodes"]["params"] == ["global_id"]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
