@@ -121,7 +121,7 @@ class SummaryView(View):
             stored = await asyncio.to_thread(sink.stored_counts)
         except StoreError as exc:
             # The counters still answer while the store is down.
-            return self.json({"counts": _counts(), "stored": None, "error": str(exc)})
+            return self.json({"counts": _counts(), "stored": {}, "error": str(exc)})
         return self.json({"counts": _counts(), "stored": stored})
 
 
