@@ -91,13 +91,36 @@ class Topics:
         finally:
             await producer.stop()
 
+    def send_at_once(self, events: Sequence[dict[str, Any]]) -> None:
+        asyncio.run(self._send_at_once(events))
+
+    async def _send_at_once(self, events: Sequence[dict[str, Any]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=20)
+        await producer.start()
+        try:
+            for event in events:
+                await producer.send(
+                    self.source,
+                    value=json.dumps(event).encode(),
+                    key=event["camera_id"].encode(),
+                    timestamp_ms=event["event_time_ms"],
+                    headers=[(REPLAY_HEADER, b"1")],
+                )
+            await producer.flush()
+        finally:
+            await producer.stop()
+
     def read(
-        self, topic: str, until: Callable[[list[Any]], bool]
+        self,
+        topic: str,
+        until: Callable[[list[Any]], bool],
+        *,
+        timeout_s: float = TIMEOUT_S,
     ) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
-        return asyncio.run(self._read(topic, until))
+        return asyncio.run(self._read(topic, until, timeout_s))
 
     async def _read(
-        self, topic: str, until: Callable[[list[Any]], bool]
+        self, topic: str, until: Callable[[list[Any]], bool], timeout_s: float
     ) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
@@ -109,7 +132,7 @@ class Topics:
         records: list[tuple[bytes, bytes, dict[str, bytes]]] = []
         try:
             consumer.subscribe([topic])
-            deadline_s = time.monotonic() + TIMEOUT_S
+            deadline_s = time.monotonic() + timeout_s
             while time.monotonic() < deadline_s and not until(records):
                 for batch in (await consumer.getmany(timeout_ms=300)).values():
                     records.extend((r.key, r.value, dict(r.headers)) for r in batch)
@@ -123,11 +146,13 @@ def topics(kafka_bootstrap: str, worker: Any) -> Iterator[Topics]:
     yield Topics(kafka_bootstrap, worker)
 
 
-def global_ids(topics: Topics, event_ids: set[str]) -> dict[str, str]:
+def global_ids(
+    topics: Topics, event_ids: set[str], *, timeout_s: float = TIMEOUT_S
+) -> dict[str, str]:
     def done(records: list[Any]) -> bool:
         return event_ids <= {key.decode() for key, _v, _h in records}
 
-    records = topics.read(topics.assignments, done)
+    records = topics.read(topics.assignments, done, timeout_s=timeout_s)
     found = {key.decode(): json.loads(value)["global_id"] for key, value, _ in records}
     return {event_id: found[event_id] for event_id in event_ids if event_id in found}
 
@@ -297,3 +322,22 @@ def test_state_survives_a_restart_from_the_changelog(
         if k.decode() == again["event_id"]
     }
     assert ids == {before[again["event_id"]]}
+
+
+def test_a_site_with_thousands_of_objects_keeps_its_state_in_small_records(
+    topics: Topics, worker: Any
+) -> None:
+    """3,000 objects of one site at once: their tracks, once one table value,
+    passed Kafka's 1 MiB record limit and stopped the worker."""
+    start_ms = int(time.time() * 1000)
+    cameras = [f"10_110_7_{index}_A0" for index in range(1, 5)]
+    events = [
+        unified(cameras[index % 4], start_ms + index, 100.0 * index)
+        for index in range(3000)
+    ]
+    topics.send_at_once(events)
+
+    last = events[-1]["event_id"]
+    ids = global_ids(topics, {last}, timeout_s=90.0)
+    assert last in ids
+    assert worker.counts()["correlated_open"] >= 3000
