@@ -454,17 +454,29 @@ class Correlator:
         """
         if position is None:
             return track
-        for other in sorted(state.tracks.values(), key=_age_key):
-            if other is track or not self._mergeable(track, other, event):
-                continue
-            distance_m = self._nearest_point_m(other, event, position)
-            if distance_m is None or distance_m > self.rule.merge_gate_m:
+        # Cheap tests first, on every track; only the few near ones are sorted.
+        near = [
+            other
+            for other in state.tracks.values()
+            if other is not track
+            and not other.closed
+            and event.event_time_ms - other.last_ms <= self._max_gap_ms
+            and self._within_merge_gate(other, event, position)
+        ]
+        for other in sorted(near, key=_age_key):
+            if not self._mergeable(track, other, event):
                 continue
             keep, gone = sorted((track, other), key=_age_key)
             self._absorb(keep, gone)
             step.closed.append(gone)
             track = keep
         return track
+
+    def _within_merge_gate(
+        self, other: Track, event: DetectorEvent, position: Point
+    ) -> bool:
+        distance_m = self._nearest_point_m(other, event, position)
+        return distance_m is not None and distance_m <= self.rule.merge_gate_m
 
     def _mergeable(self, track: Track, other: Track, event: DetectorEvent) -> bool:
         if other.closed or event.event_time_ms - other.last_ms > self._max_gap_ms:
