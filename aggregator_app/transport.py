@@ -25,12 +25,19 @@ busy partitions are not fetched again until it returns: the worker then idles
 more than half the time under load. This transport's consumer asks the broker
 to hold a fetch :data:`FETCH_MAX_WAIT_MS` at most.
 
+Rebalances: faust forgets a revoked partition's gaps and acknowledgements
+when the revocation starts, and reads it again from its committed offset once
+it is assigned. A batch fetched before that must not reach the agent, nor be
+acknowledged, afterwards: see :meth:`BatchingConsumer.getmany` and
+:meth:`BatchingConsumer.ack`.
+
 The transport is chosen by the broker URL scheme ``kafka+batches://``.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,7 +46,7 @@ from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
-from faust.types.tuples import ConsumerMessage
+from faust.types.tuples import ConsumerMessage, ack_lock
 
 __all__ = [
     "BATCHED_TOPICS",
@@ -77,18 +84,69 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         # The offset of the last record delivered in a batch, per partition.
         self._delivered: dict[TP, int] = {}
+        # How many revocations and seeks of a partition began, and how many
+        # seeks of every partition: a batch collected before one is stale.
+        self._resets: dict[TP, int] = {}
+        self._seeks_of_all = 0
+        # The batches delivered since their partition was last assigned: the
+        # only ones whose acknowledgement counts.
+        self._live_batches: weakref.WeakSet[Message] = weakref.WeakSet()
 
     async def seek(self, partition: TP, offset: int) -> None:
+        tps = {ensure_TP(partition)}
+        self._read_again(tps, every_partition=False)
         await super().seek(partition, offset)
+        self._read_again(tps, every_partition=False)
         self._delivered.pop(ensure_TP(partition), None)
 
     async def perform_seek(self) -> None:
+        self._read_again(self._tracked_partitions(), every_partition=True)
         await super().perform_seek()
+        self._read_again(self._tracked_partitions(), every_partition=True)
         self._delivered.clear()
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Before anything awaits: faust clears the partitions' gaps and acks
+        # first thing, and a batch yielded from then on would be stale.
+        self._reset(revoked)
+        self._forget_live(revoked)
         await super().on_partitions_revoked(revoked)
         self._forget_delivered(revoked)
+
+    def _tracked_partitions(self) -> set[TP]:
+        return {*self._gap, *self._acked, *(m.tp for m in self._live_batches)}
+
+    def _reset(self, tps: set[TP]) -> None:
+        for tp in tps:
+            tp = ensure_TP(tp)
+            self._resets[tp] = self._resets.get(tp, 0) + 1
+
+    def _epoch(self, tp: TP) -> tuple[int, int]:
+        """What changes when a batch of ``tp`` collected before turns stale."""
+        return self._seeks_of_all, self._resets.get(tp, 0)
+
+    def _read_again(self, tps: set[TP], *, every_partition: bool) -> None:
+        """Forget what was delivered of ``tps``: a seek reads it all again.
+
+        After a rebalance, faust resumes the flow a moment before it seeks to
+        the committed offsets, and the batches fetched in between are read
+        again after the seek. Their gaps would then overlap the gaps of the
+        records read again, and faust's commit takes in every gap interval
+        that begins below the highest acknowledged offset, whole: it would
+        step over records not processed yet, and a rebalance right then lost
+        them. So a seek is handled as a revocation is: batches collected
+        before it are dropped, acknowledgements of those delivered before it
+        ignored, and the partitions' gaps and acknowledgements start empty
+        (done twice, around the seek's own await).
+        """
+        if every_partition:
+            self._seeks_of_all += 1
+        self._reset(tps)
+        self._forget_live(tps)
+        for tp in tps:
+            self._gap.pop(tp, None)
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
 
     async def on_partitions_assigned(
         self, assigned: set[TP], generation_id: int = 0
@@ -104,18 +162,84 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         for tp in tps:
             self._delivered.pop(ensure_TP(tp), None)
 
+    def _forget_live(self, tps: set[TP]) -> None:
+        revoked = {ensure_TP(tp) for tp in tps}
+        for message in list(self._live_batches):
+            if message.tp in revoked:
+                self._live_batches.discard(message)
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """Yield the fetched records, those of :data:`BATCHED_TOPICS` as batches.
+
+        The batches of one fetch are yielded one after the other, and the
+        fetcher awaits the agent's buffer at each: a rebalance can begin
+        between two. Faust's own loop stops at a changed generation, but this
+        one yields what it collected, so a batch fetched under the old
+        assignment would register its gap in the partition state faust has
+        just cleared (and nothing clears it again), and then be skipped by the
+        stream as of an old generation or a stopped flow, which acknowledges
+        it unprocessed: the next commit then takes the batch's offsets as
+        done. Those records were lost (the seek after the rebalance starts at
+        that commit). So the batches left when a revocation began, or while
+        the flow is stopped, are dropped here untouched: the partition is
+        read again from its committed offset once it is assigned.
+        """
         batches: dict[TP, list[Message]] = {}
         async for tp, message in super().getmany(timeout):
             if tp.topic in BATCHED_TOPICS:
                 batches.setdefault(tp, []).append(message)
             else:
                 yield tp, message
+        epochs = {tp: self._epoch(tp) for tp in batches}
 
         for tp, messages in batches.items():
+            if self._stale(epochs[tp], tp, messages):
+                continue
             fresh = self._not_delivered(tp, messages)
-            if fresh:
-                yield tp, await self._batch_message(tp, fresh)
+            if not fresh:
+                continue
+            batch = await self._batch_message(tp, fresh)
+            if self._stale(epochs[tp], tp, messages):
+                continue
+            self._live_batches.add(batch)
+            yield tp, batch
+
+    def _stale(self, epoch: tuple[int, int], tp: TP, messages: list[Message]) -> bool:
+        """Whether a rebalance or seek began since the batch was collected."""
+        if epoch == self._epoch(tp) and self.flow_active:
+            return False
+        logger.info(
+            "transport: batch of a past assignment dropped: tp=%s first=%d last=%d",
+            tp,
+            messages[0].offset,
+            messages[-1].offset,
+        )
+        return True
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a batch delivered under the partition's assignment only.
+
+        A batch delivered before its partition was revoked is read again from
+        the committed offset after the rebalance; its gap went with the
+        revocation. Its acknowledgement would stand alone in the new state: a
+        stream skipping it (old generation, stopped flow) acknowledges it
+        unprocessed, and even a processed one would let a commit jump over
+        records before it that were not. It is marked done (the revocation's
+        wait for pending messages ends) but commits nothing; at least once,
+        its records are processed again.
+        """
+        if message.topic not in BATCHED_TOPICS or message in self._live_batches:
+            return super().ack(message)
+
+        with ack_lock:
+            message.acked = True
+            self._unacked_messages.discard(message)
+        logger.info(
+            "transport: ack of a past assignment ignored: tp=%s offset=%d",
+            message.tp,
+            message.offset,
+        )
+        return False
 
     def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
         """Drop the records delivered already, and remember the last one.
@@ -142,6 +266,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         if last.offset > first.offset:
             # Acknowledging the batch acknowledges every offset it holds.
             await self._add_gap(tp, first.offset, last.offset - 1)
+            # A revocation during its await pops the tree the gap went into;
+            # getmany then drops the batch.
         # As if the record before the last had been delivered: the consumer
         # sees no gap of its own to register (it would hold the last offset
         # twice, and one commit would stop short of the end).
