@@ -84,25 +84,19 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         # The offset of the last record delivered in a batch, per partition.
         self._delivered: dict[TP, int] = {}
-        # How many revocations and seeks of a partition began, and how many
-        # seeks of every partition: a batch collected before one is stale.
+        # How many revocations of a partition began: a batch collected
+        # before one is stale.
         self._resets: dict[TP, int] = {}
-        self._seeks_of_all = 0
         # The batches delivered since their partition was last assigned: the
         # only ones whose acknowledgement counts.
         self._live_batches: weakref.WeakSet[Message] = weakref.WeakSet()
 
     async def seek(self, partition: TP, offset: int) -> None:
-        tps = {ensure_TP(partition)}
-        self._read_again(tps, every_partition=False)
         await super().seek(partition, offset)
-        self._read_again(tps, every_partition=False)
         self._delivered.pop(ensure_TP(partition), None)
 
     async def perform_seek(self) -> None:
-        self._read_again(self._tracked_partitions(), every_partition=True)
         await super().perform_seek()
-        self._read_again(self._tracked_partitions(), every_partition=True)
         self._delivered.clear()
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
@@ -113,40 +107,37 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_revoked(revoked)
         self._forget_delivered(revoked)
 
-    def _tracked_partitions(self) -> set[TP]:
-        return {*self._gap, *self._acked, *(m.tp for m in self._live_batches)}
-
     def _reset(self, tps: set[TP]) -> None:
         for tp in tps:
             tp = ensure_TP(tp)
             self._resets[tp] = self._resets.get(tp, 0) + 1
 
-    def _epoch(self, tp: TP) -> tuple[int, int]:
+    def _epoch(self, tp: TP) -> int:
         """What changes when a batch of ``tp`` collected before turns stale."""
-        return self._seeks_of_all, self._resets.get(tp, 0)
+        return self._resets.get(tp, 0)
 
-    def _read_again(self, tps: set[TP], *, every_partition: bool) -> None:
-        """Forget what was delivered of ``tps``: a seek reads it all again.
+    def _new_offset(self, tp: TP) -> int | None:
+        """Faust's next offset to commit, taking gaps only up to the highest ack.
 
-        After a rebalance, faust resumes the flow a moment before it seeks to
-        the committed offsets, and the batches fetched in between are read
-        again after the seek. Their gaps would then overlap the gaps of the
-        records read again, and faust's commit takes in every gap interval
-        that begins below the highest acknowledged offset, whole: it would
-        step over records not processed yet, and a rebalance right then lost
-        them. So a seek is handled as a revocation is: batches collected
-        before it are dropped, acknowledgements of those delivered before it
-        ignored, and the partitions' gaps and acknowledgements start empty
-        (done twice, around the seek's own await).
+        Faust adds every gap interval that begins below the highest
+        acknowledged offset, whole. Batches of one partition overlap when
+        records are read again (after a rebalance, faust resumes the flow a
+        moment before it seeks to the committed offsets, and what it
+        delivered in between comes again): their gaps merge, and the ack of
+        the earlier batch took in the offsets of the later one, not processed
+        yet. A commit then ran ahead of the work, and a rebalance at that
+        moment lost those records. Offsets of a gap count as done only below
+        an acknowledged batch's own offset.
         """
-        if every_partition:
-            self._seeks_of_all += 1
-        self._reset(tps)
-        self._forget_live(tps)
-        for tp in tps:
-            self._gap.pop(tp, None)
-            self._acked.pop(tp, None)
-            self._acked_index.pop(tp, None)
+        acked = self._acked[tp]
+        gap_for_tp = self._gap[tp]
+        if acked and gap_for_tp:
+            max_offset = max(acked)
+            for interval in gap_for_tp.overlap(0, max_offset):
+                acked.extend(range(interval.begin, min(interval.end, max_offset)))
+            gap_for_tp.chop(0, max_offset)
+            acked[:] = sorted(set(acked))
+        return super()._new_offset(tp)
 
     async def on_partitions_assigned(
         self, assigned: set[TP], generation_id: int = 0
@@ -198,14 +189,12 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             fresh = self._not_delivered(tp, messages)
             if not fresh:
                 continue
-            batch = await self._batch_message(tp, fresh)
-            if self._stale(epochs[tp], tp, messages):
-                continue
-            self._live_batches.add(batch)
-            yield tp, batch
+            # From the check above to the yield nothing awaits: a batch is
+            # either dropped with no trace or delivered with its gap.
+            yield tp, self._batch_message(tp, fresh)
 
-    def _stale(self, epoch: tuple[int, int], tp: TP, messages: list[Message]) -> bool:
-        """Whether a rebalance or seek began since the batch was collected."""
+    def _stale(self, epoch: int, tp: TP, messages: list[Message]) -> bool:
+        """Whether a rebalance began since the batch was collected."""
         if epoch == self._epoch(tp) and self.flow_active:
             return False
         logger.info(
@@ -242,7 +231,7 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         return False
 
     def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
-        """Drop the records delivered already, and remember the last one.
+        """Drop the records delivered already.
 
         Faust drops a record fetched again one at a time (its read offset);
         inside a batch it would pass with the batch, and be processed twice.
@@ -250,7 +239,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         forgets what was delivered.
         """
         delivered = self._delivered.get(tp)
-        self._delivered[tp] = messages[-1].offset
         if delivered is None or messages[0].offset > delivered:
             return messages
         fresh = [message for message in messages if message.offset > delivered]
@@ -261,18 +249,18 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         )
         return fresh
 
-    async def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
+    def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
+        """Return the batch as one message, and register it as delivered."""
         first, last = messages[0], messages[-1]
         if last.offset > first.offset:
             # Acknowledging the batch acknowledges every offset it holds.
-            await self._add_gap(tp, first.offset, last.offset - 1)
-            # A revocation during its await pops the tree the gap went into;
-            # getmany then drops the batch.
+            self._add_gap_now(tp, first.offset, last.offset - 1)
         # As if the record before the last had been delivered: the consumer
         # sees no gap of its own to register (it would hold the last offset
         # twice, and one commit would stop short of the end).
         self._read_offset[tp] = last.offset - 1
-        return ConsumerMessage(
+        self._delivered[tp] = last.offset
+        batch = ConsumerMessage(
             tp.topic,
             tp.partition,
             last.offset,
@@ -287,6 +275,23 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             tp,
             generation_id=last.generation_id,
         )
+        self._live_batches.add(batch)
+        return batch
+
+    def _add_gap_now(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Faust's ``_add_gap`` without its await.
+
+        Faust sleeps 0 after adding an interval; a rebalance let in there
+        could leave the gap of a batch that is then dropped, or a dropped
+        batch marked delivered, and records that nothing reads again.
+        """
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            offset_from = max(offset_from, committed + 1)
+        if offset_from <= offset_to:
+            gap_for_tp = self._gap[tp]
+            gap_for_tp.addi(offset_from, offset_to + 1)
+            gap_for_tp.merge_overlaps()
 
 
 class ShortFetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
