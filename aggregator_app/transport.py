@@ -25,12 +25,19 @@ busy partitions are not fetched again until it returns: the worker then idles
 more than half the time under load. This transport's consumer asks the broker
 to hold a fetch :data:`FETCH_MAX_WAIT_MS` at most.
 
+Rebalances: faust forgets a revoked partition's gaps and acknowledgements
+when the revocation starts, and reads it again from its committed offset once
+it is assigned. A batch fetched before that must not reach the agent, nor be
+acknowledged, afterwards: see :meth:`BatchingConsumer.getmany` and
+:meth:`BatchingConsumer.ack`.
+
 The transport is chosen by the broker URL scheme ``kafka+batches://``.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,7 +46,7 @@ from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
-from faust.types.tuples import ConsumerMessage
+from faust.types.tuples import ConsumerMessage, ack_lock
 
 __all__ = [
     "BATCHED_TOPICS",
@@ -77,6 +84,12 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         # The offset of the last record delivered in a batch, per partition.
         self._delivered: dict[TP, int] = {}
+        # How many revocations of a partition began: a batch collected
+        # before one is stale.
+        self._resets: dict[TP, int] = {}
+        # The batches delivered since their partition was last assigned: the
+        # only ones whose acknowledgement counts.
+        self._live_batches: weakref.WeakSet[Message] = weakref.WeakSet()
 
     async def seek(self, partition: TP, offset: int) -> None:
         await super().seek(partition, offset)
@@ -87,8 +100,44 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         self._delivered.clear()
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Before anything awaits: faust clears the partitions' gaps and acks
+        # first thing, and a batch yielded from then on would be stale.
+        self._reset(revoked)
+        self._forget_live(revoked)
         await super().on_partitions_revoked(revoked)
         self._forget_delivered(revoked)
+
+    def _reset(self, tps: set[TP]) -> None:
+        for tp in tps:
+            tp = ensure_TP(tp)
+            self._resets[tp] = self._resets.get(tp, 0) + 1
+
+    def _epoch(self, tp: TP) -> int:
+        """What changes when a batch of ``tp`` collected before turns stale."""
+        return self._resets.get(tp, 0)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """Faust's next offset to commit, taking gaps only up to the highest ack.
+
+        Faust adds every gap interval that begins below the highest
+        acknowledged offset, whole. Batches of one partition overlap when
+        records are read again (after a rebalance, faust resumes the flow a
+        moment before it seeks to the committed offsets, and what it
+        delivered in between comes again): their gaps merge, and the ack of
+        the earlier batch took in the offsets of the later one, not processed
+        yet. A commit then ran ahead of the work, and a rebalance at that
+        moment lost those records. Offsets of a gap count as done only below
+        an acknowledged batch's own offset.
+        """
+        acked = self._acked[tp]
+        gap_for_tp = self._gap[tp]
+        if acked and gap_for_tp:
+            max_offset = max(acked)
+            for interval in gap_for_tp.overlap(0, max_offset):
+                acked.extend(range(interval.begin, min(interval.end, max_offset)))
+            gap_for_tp.chop(0, max_offset)
+            acked[:] = sorted(set(acked))
+        return super()._new_offset(tp)
 
     async def on_partitions_assigned(
         self, assigned: set[TP], generation_id: int = 0
@@ -104,21 +153,85 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         for tp in tps:
             self._delivered.pop(ensure_TP(tp), None)
 
+    def _forget_live(self, tps: set[TP]) -> None:
+        revoked = {ensure_TP(tp) for tp in tps}
+        for message in list(self._live_batches):
+            if message.tp in revoked:
+                self._live_batches.discard(message)
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """Yield the fetched records, those of :data:`BATCHED_TOPICS` as batches.
+
+        The batches of one fetch are yielded one after the other, and the
+        fetcher awaits the agent's buffer at each: a rebalance can begin
+        between two. Faust's own loop stops at a changed generation, but this
+        one yields what it collected, so a batch fetched under the old
+        assignment would register its gap in the partition state faust has
+        just cleared (and nothing clears it again), and then be skipped by the
+        stream as of an old generation or a stopped flow, which acknowledges
+        it unprocessed: the next commit then takes the batch's offsets as
+        done. Those records were lost (the seek after the rebalance starts at
+        that commit). So the batches left when a revocation began, or while
+        the flow is stopped, are dropped here untouched: the partition is
+        read again from its committed offset once it is assigned.
+        """
         batches: dict[TP, list[Message]] = {}
         async for tp, message in super().getmany(timeout):
             if tp.topic in BATCHED_TOPICS:
                 batches.setdefault(tp, []).append(message)
             else:
                 yield tp, message
+        epochs = {tp: self._epoch(tp) for tp in batches}
 
         for tp, messages in batches.items():
+            if self._stale(epochs[tp], tp, messages):
+                continue
             fresh = self._not_delivered(tp, messages)
-            if fresh:
-                yield tp, await self._batch_message(tp, fresh)
+            if not fresh:
+                continue
+            # From the check above to the yield nothing awaits: a batch is
+            # either dropped with no trace or delivered with its gap.
+            yield tp, self._batch_message(tp, fresh)
+
+    def _stale(self, epoch: int, tp: TP, messages: list[Message]) -> bool:
+        """Whether a rebalance began since the batch was collected."""
+        if epoch == self._epoch(tp) and self.flow_active:
+            return False
+        logger.info(
+            "transport: batch of a past assignment dropped: tp=%s first=%d last=%d",
+            tp,
+            messages[0].offset,
+            messages[-1].offset,
+        )
+        return True
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a batch delivered under the partition's assignment only.
+
+        A batch delivered before its partition was revoked is read again from
+        the committed offset after the rebalance; its gap went with the
+        revocation. Its acknowledgement would stand alone in the new state: a
+        stream skipping it (old generation, stopped flow) acknowledges it
+        unprocessed, and even a processed one would let a commit jump over
+        records before it that were not. It is marked done (the revocation's
+        wait for pending messages ends) but commits nothing; at least once,
+        its records are processed again.
+        """
+        if message.topic not in BATCHED_TOPICS or message in self._live_batches:
+            return super().ack(message)
+
+        with ack_lock:
+            message.acked = True
+            self._unacked_messages.discard(message)
+        logger.info(
+            "transport: ack of a past assignment ignored: tp=%s offset=%d",
+            message.tp,
+            message.offset,
+        )
+        return False
 
     def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
-        """Drop the records delivered already, and remember the last one.
+        """Drop the records delivered already.
 
         Faust drops a record fetched again one at a time (its read offset);
         inside a batch it would pass with the batch, and be processed twice.
@@ -126,7 +239,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         forgets what was delivered.
         """
         delivered = self._delivered.get(tp)
-        self._delivered[tp] = messages[-1].offset
         if delivered is None or messages[0].offset > delivered:
             return messages
         fresh = [message for message in messages if message.offset > delivered]
@@ -137,16 +249,18 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         )
         return fresh
 
-    async def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
+    def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
+        """Return the batch as one message, and register it as delivered."""
         first, last = messages[0], messages[-1]
         if last.offset > first.offset:
             # Acknowledging the batch acknowledges every offset it holds.
-            await self._add_gap(tp, first.offset, last.offset - 1)
+            self._add_gap_now(tp, first.offset, last.offset - 1)
         # As if the record before the last had been delivered: the consumer
         # sees no gap of its own to register (it would hold the last offset
         # twice, and one commit would stop short of the end).
         self._read_offset[tp] = last.offset - 1
-        return ConsumerMessage(
+        self._delivered[tp] = last.offset
+        batch = ConsumerMessage(
             tp.topic,
             tp.partition,
             last.offset,
@@ -161,6 +275,23 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             tp,
             generation_id=last.generation_id,
         )
+        self._live_batches.add(batch)
+        return batch
+
+    def _add_gap_now(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Faust's ``_add_gap`` without its await.
+
+        Faust sleeps 0 after adding an interval; a rebalance let in there
+        could leave the gap of a batch that is then dropped, or a dropped
+        batch marked delivered, and records that nothing reads again.
+        """
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            offset_from = max(offset_from, committed + 1)
+        if offset_from <= offset_to:
+            gap_for_tp = self._gap[tp]
+            gap_for_tp.addi(offset_from, offset_to + 1)
+            gap_for_tp.merge_overlaps()
 
 
 class ShortFetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
