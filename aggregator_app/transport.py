@@ -186,12 +186,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         for tp, messages in batches.items():
             if self._stale(epochs[tp], tp, messages):
                 continue
-            fresh = self._not_delivered(tp, messages)
-            if not fresh:
-                continue
+            self._note_fetched_again(tp, messages)
             # From the check above to the yield nothing awaits: a batch is
             # either dropped with no trace or delivered with its gap.
-            yield tp, self._batch_message(tp, fresh)
+            yield tp, self._batch_message(tp, messages)
 
     def _stale(self, epoch: int, tp: TP, messages: list[Message]) -> bool:
         """Whether a rebalance began since the batch was collected."""
@@ -230,24 +228,27 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         )
         return False
 
-    def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
-        """Drop the records delivered already.
+    def _note_fetched_again(self, tp: TP, messages: list[Message]) -> None:
+        """Log the records of a batch delivered once already; they stay in it.
 
-        Faust drops a record fetched again one at a time (its read offset);
-        inside a batch it would pass with the batch, and be processed twice.
-        A seek (rebalance, recovery) asks for records to be read again, so it
-        forgets what was delivered.
+        Faust drops a record fetched again one at a time (its read offset).
+        This transport used to drop such records from a batch, counting on the
+        earlier delivery to be committed; but the earlier delivery may be one
+        that is never acknowledged (faust's flow control clears an agent's
+        buffer, a stream skips it) when records come again around the seek
+        after an assignment, and the offsets dropped were then never
+        committed: the group stayed behind for good. Records read again are
+        processed again (at least once; the dedup agent counts them as
+        redeliveries), and :meth:`_new_offset` keeps the overlapping gaps
+        from running the commit ahead.
         """
         delivered = self._delivered.get(tp)
-        if delivered is None or messages[0].offset > delivered:
-            return messages
-        fresh = [message for message in messages if message.offset > delivered]
-        logger.info(
-            "transport: records fetched again dropped: tp=%s dropped=%d",
-            tp,
-            len(messages) - len(fresh),
-        )
-        return fresh
+        if delivered is not None and messages[0].offset <= delivered:
+            logger.info(
+                "transport: records fetched again delivered again: tp=%s again=%d",
+                tp,
+                sum(1 for message in messages if message.offset <= delivered),
+            )
 
     def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
         """Return the batch as one message, and register it as delivered."""
