@@ -10,11 +10,12 @@ each group as a single record whose value is the list of the fetched records
 list with the ``records`` codec, which leaves it as it is.
 
 Offsets stay right: the batch record carries the offset of its last record, and
-the offsets before it are registered as a gap (faust's own mechanism for
-offsets that carry no record, as in compacted topics), so that acknowledging
-the batch commits all of it, and nothing of it before it is acknowledged. Any other
-topic (table changelogs among them) is delivered one record at a time, as
-faust does.
+acknowledging it adds the offsets of every record it holds to faust's
+acknowledged offsets (not a faust gap: a gap belongs to no batch, and the ack
+of one batch would take in the gap of another still in flight), so that the
+batch is committed all of it, and nothing of it before it is acknowledged.
+Any other topic (table changelogs among them) is delivered one record at a
+time, as faust does.
 
 Fetch wait: aiokafka keeps one fetch request in flight per broker, and a
 request leaves out the partitions whose fetched records are still waiting to be
