@@ -10,11 +10,12 @@ each group as a single record whose value is the list of the fetched records
 list with the ``records`` codec, which leaves it as it is.
 
 Offsets stay right: the batch record carries the offset of its last record, and
-the offsets before it are registered as a gap (faust's own mechanism for
-offsets that carry no record, as in compacted topics), so that acknowledging
-the batch commits all of it, and nothing of it before it is acknowledged. Any other
-topic (table changelogs among them) is delivered one record at a time, as
-faust does.
+acknowledging it adds the offsets of every record it holds to faust's
+acknowledged offsets (not a faust gap: a gap belongs to no batch, and the ack
+of one batch would take in the gap of another still in flight), so that the
+batch is committed all of it, and nothing of it before it is acknowledged.
+Any other topic (table changelogs among them) is delivered one record at a
+time, as faust does.
 
 Fetch wait: aiokafka keeps one fetch request in flight per broker, and a
 request leaves out the partitions whose fetched records are still waiting to be
@@ -116,29 +117,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         """What changes when a batch of ``tp`` collected before turns stale."""
         return self._resets.get(tp, 0)
 
-    def _new_offset(self, tp: TP) -> int | None:
-        """Faust's next offset to commit, taking gaps only up to the highest ack.
-
-        Faust adds every gap interval that begins below the highest
-        acknowledged offset, whole. Batches of one partition overlap when
-        records are read again (after a rebalance, faust resumes the flow a
-        moment before it seeks to the committed offsets, and what it
-        delivered in between comes again): their gaps merge, and the ack of
-        the earlier batch took in the offsets of the later one, not processed
-        yet. A commit then ran ahead of the work, and a rebalance at that
-        moment lost those records. Offsets of a gap count as done only below
-        an acknowledged batch's own offset.
-        """
-        acked = self._acked[tp]
-        gap_for_tp = self._gap[tp]
-        if acked and gap_for_tp:
-            max_offset = max(acked)
-            for interval in gap_for_tp.overlap(0, max_offset):
-                acked.extend(range(interval.begin, min(interval.end, max_offset)))
-            gap_for_tp.chop(0, max_offset)
-            acked[:] = sorted(set(acked))
-        return super()._new_offset(tp)
-
     async def on_partitions_assigned(
         self, assigned: set[TP], generation_id: int = 0
     ) -> None:
@@ -186,12 +164,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         for tp, messages in batches.items():
             if self._stale(epochs[tp], tp, messages):
                 continue
-            fresh = self._not_delivered(tp, messages)
-            if not fresh:
-                continue
+            self._note_fetched_again(tp, messages)
             # From the check above to the yield nothing awaits: a batch is
             # either dropped with no trace or delivered with its gap.
-            yield tp, self._batch_message(tp, fresh)
+            yield tp, self._batch_message(tp, messages)
 
     def _stale(self, epoch: int, tp: TP, messages: list[Message]) -> bool:
         """Whether a rebalance began since the batch was collected."""
@@ -217,8 +193,10 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         wait for pending messages ends) but commits nothing; at least once,
         its records are processed again.
         """
-        if message.topic not in BATCHED_TOPICS or message in self._live_batches:
+        if message.topic not in BATCHED_TOPICS:
             return super().ack(message)
+        if message in self._live_batches:
+            return self._ack_batch(message)
 
         with ack_lock:
             message.acked = True
@@ -230,31 +208,61 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         )
         return False
 
-    def _not_delivered(self, tp: TP, messages: list[Message]) -> list[Message]:
-        """Drop the records delivered already.
+    def _ack_batch(self, message: Message) -> bool:
+        """Acknowledge every offset of the batch, and none of another.
 
-        Faust drops a record fetched again one at a time (its read offset);
-        inside a batch it would pass with the batch, and be processed twice.
-        A seek (rebalance, recovery) asks for records to be read again, so it
-        forgets what was delivered.
+        Faust's gaps cannot say which batch an offset belongs to: the ack of
+        a batch took in the gap of an earlier one still on its way to the
+        broker (batches are acknowledged in the order their output is
+        written, not in offset order), the commit moved past that earlier
+        batch's records, and a rebalance before its ack lost them (the
+        batch's last record, carried by the message itself, was read again:
+        the "two records lost before a processed one" of a rebalance). So a
+        batch registers no gap; its ack adds its own offsets.
+        """
+        with ack_lock:
+            if not super().ack(message):
+                return False
+            tp = message.tp
+            committed = self._committed_offset[tp] or 0
+            records: list[Message] = message.value  # type: ignore[assignment]
+            first = max(records[0].offset, committed)
+            offsets = [
+                o
+                for o in range(first, message.offset)
+                if o not in self._acked_index[tp]
+            ]
+            self._acked_index[tp].update(offsets)
+            self._acked[tp].extend(offsets)
+            return True
+
+    def _note_fetched_again(self, tp: TP, messages: list[Message]) -> None:
+        """Log the records of a batch delivered once already; they stay in it.
+
+        Faust drops a record fetched again one at a time (its read offset).
+        This transport used to drop such records from a batch, counting on the
+        earlier delivery to be committed; but the earlier delivery may be one
+        that is never acknowledged (faust's flow control clears an agent's
+        buffer, a stream skips it) when records come again around the seek
+        after an assignment, and the offsets dropped were then never
+        committed: the group stayed behind for good. Records read again are
+        processed again (at least once; the dedup agent counts them as
+        redeliveries), and :meth:`_ack_batch` keeps overlapping batches from
+        running the commit ahead.
         """
         delivered = self._delivered.get(tp)
-        if delivered is None or messages[0].offset > delivered:
-            return messages
-        fresh = [message for message in messages if message.offset > delivered]
-        logger.info(
-            "transport: records fetched again dropped: tp=%s dropped=%d",
-            tp,
-            len(messages) - len(fresh),
-        )
-        return fresh
+        if delivered is not None and messages[0].offset <= delivered:
+            logger.info(
+                "transport: records fetched again delivered again: tp=%s again=%d",
+                tp,
+                sum(1 for message in messages if message.offset <= delivered),
+            )
 
     def _batch_message(self, tp: TP, messages: list[Message]) -> Message:
         """Return the batch as one message, and register it as delivered."""
-        first, last = messages[0], messages[-1]
-        if last.offset > first.offset:
-            # Acknowledging the batch acknowledges every offset it holds.
-            self._add_gap_now(tp, first.offset, last.offset - 1)
+        last = messages[-1]
+        # Acknowledging the batch acknowledges every offset it holds: see
+        # _ack_batch (no gap is registered).
         # As if the record before the last had been delivered: the consumer
         # sees no gap of its own to register (it would hold the last offset
         # twice, and one commit would stop short of the end).
@@ -277,21 +285,6 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         )
         self._live_batches.add(batch)
         return batch
-
-    def _add_gap_now(self, tp: TP, offset_from: int, offset_to: int) -> None:
-        """Faust's ``_add_gap`` without its await.
-
-        Faust sleeps 0 after adding an interval; a rebalance let in there
-        could leave the gap of a batch that is then dropped, or a dropped
-        batch marked delivered, and records that nothing reads again.
-        """
-        committed = self._committed_offset[tp]
-        if committed is not None:
-            offset_from = max(offset_from, committed + 1)
-        if offset_from <= offset_to:
-            gap_for_tp = self._gap[tp]
-            gap_for_tp.addi(offset_from, offset_to + 1)
-            gap_for_tp.merge_overlaps()
 
 
 class ShortFetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
