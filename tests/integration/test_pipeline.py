@@ -434,9 +434,19 @@ def test_restart_mid_stream_loses_and_adds_no_observation(
         worker.restart()
     send_detections(topic, garage_payloads[half:])
     wait_caught_up(worker)
-    records = read_topic(worker.topic("aggregated-events"), count=len(expected.spans))
+    # The topic also carries closed observations and correlated events: read
+    # until every expected open observation is there (or the time is up).
+    deadline_s = time.monotonic() + 60.0
+    while True:
+        records = read_topic(
+            worker.topic("aggregated-events"), count=len(expected.spans)
+        )
+        opens = observations(records, "open")
+        seen = {item["aggregated_id"] for item in opens}
+        if seen >= set(expected.open_ids) or time.monotonic() > deadline_s:
+            break
+        time.sleep(1.0)
 
-    opens = observations(records, "open")
     by_id: dict[str, list[dict[str, Any]]] = {}
     for item in opens:
         by_id.setdefault(item["aggregated_id"], []).append(item)
