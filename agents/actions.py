@@ -104,14 +104,7 @@ async def _write_state(partition: int, outbox: Outbox) -> None:
             )
             continue
         _state_store.put(camera_id, state)
-    for key, value in _state_store.take_changelog():
-        await outbox.send(
-            _state_store.changelog_topic,
-            key=key,
-            value=value,
-            partition=partition,
-            on_sent=_state_store.on_changelog_sent,
-        )
+    await _state_store.send_changelog(partition, outbox)
 
 
 @_state_store.table.on_recover

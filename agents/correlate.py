@@ -242,15 +242,7 @@ async def _publish_late(late: LateEvent, outbox: Outbox) -> None:
 async def _save(partition: int, outbox: Outbox) -> None:
     for site_id in _sites_of(partition):
         _site_store.put(correlator.site(site_id))
-    topic = _site_store.changelog_topic
-    for key, value in _site_store.take_changelog():
-        await outbox.send(
-            topic,
-            key=key,
-            value=value,
-            partition=partition,
-            on_sent=_site_store.on_changelog_sent,
-        )
+    await _site_store.send_changelog(partition, outbox)
 
 
 @app.timer(interval=1.0)

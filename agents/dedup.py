@@ -223,7 +223,7 @@ async def _close_due(partition: int, outbox: Outbox, *, force: bool) -> None:
     deduplicator.flush(partition)
 
     _forget_old_windows(partition, now_s)
-    await _send_changelog(partition, outbox)
+    await _span_store.send_changelog(partition, outbox)
     sink.aggregated_events(_published)
     _published.clear()
 
@@ -249,24 +249,6 @@ def _forget_old_windows(partition: int, now_s: float) -> None:
         safe_ms = horizons.popleft()[1]
     if safe_ms is not None:
         deduplicator.forget_before(partition, safe_ms)
-
-
-async def _send_changelog(partition: int, outbox: Outbox) -> None:
-    """Queue the table's changes; the last one's offset is remembered once sent.
-
-    One partition's records arrive in order, so the offset of the last record
-    covers the ones before it: one RocksDB write per batch, not per record.
-    """
-    topic = _span_store.changelog_topic
-    changes = _span_store.take_changelog()
-    for index, (key, value) in enumerate(changes, start=1):
-        await outbox.send(
-            topic,
-            key=key,
-            value=value,
-            partition=partition,
-            on_sent=_span_store.on_changelog_sent if index == len(changes) else None,
-        )
 
 
 async def _publish_closed(span: Span, outbox: Outbox) -> None:

@@ -84,14 +84,7 @@ async def fuse_batch(
 
     for key, _partition, observations in fuser.take_changes():
         _pane_store.put(key, observations)
-    for raw_key, value in _pane_store.take_changelog():
-        await outbox.send(
-            _pane_store.changelog_topic,
-            key=raw_key,
-            value=value,
-            partition=partition,
-            on_sent=_pane_store.on_changelog_sent,
-        )
+    await _pane_store.send_changelog(partition, outbox)
     return episodes
 
 

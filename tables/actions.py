@@ -16,6 +16,7 @@ from typing import Any
 import faust
 
 from aggregator_app.app import app, rules
+from tables.changelog import ChangelogStore
 
 __all__ = ["ActionStateStore", "action_table"]
 
@@ -28,7 +29,7 @@ action_table = app.Table(
 )
 
 
-class ActionStateStore:
+class ActionStateStore(ChangelogStore):
     """Writes camera states to the action table and queues their changelog.
 
     Must be used inside an agent's iteration over a batch of a partition
@@ -36,35 +37,12 @@ class ActionStateStore:
     """
 
     def __init__(self, table: Any = action_table) -> None:
-        self.table = table
-        self._changes: list[tuple[bytes, bytes | None]] = []
+        super().__init__(table)
 
     def put(self, camera_id: str, state: dict[str, Any] | None) -> None:
         """Store a camera's state; ``None`` deletes it."""
-        store = self.table.data
-        key = store._encode_key(camera_id)
-        if state is None:
-            store._del(key)
-            self._changes.append((key, None))
-            return
-        value = store._encode_value(state)
-        store._set(key, value)
-        self._changes.append((key, value))
+        self.write(camera_id, state)
 
     def states(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield every camera state this worker holds."""
         yield from self.table.data.items()
-
-    def take_changelog(self) -> list[tuple[bytes, bytes | None]]:
-        """Return the changelog records queued since the last call, in order."""
-        changes, self._changes = self._changes, []
-        return changes
-
-    @property
-    def changelog_topic(self) -> str:
-        """Return the name of the table's changelog topic."""
-        return str(self.table.changelog_topic.get_topic_name())
-
-    def on_changelog_sent(self, metadata: Any) -> None:
-        """Remember, in RocksDB, the changelog offset this worker's state includes."""
-        self.table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)

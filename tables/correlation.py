@@ -30,6 +30,7 @@ import faust
 from aggregator_app.app import app, rules
 from aggregator_app.correlate import SiteState, Track
 from aggregator_app.schema import DetectorEvent
+from tables.changelog import ChangelogStore
 
 __all__ = ["TableSiteStore", "correlation_table"]
 
@@ -79,12 +80,11 @@ def _decoded(value: Any) -> dict[str, Any]:
     return decoded
 
 
-class TableSiteStore:
+class TableSiteStore(ChangelogStore):
     """Site states in the correlation table; changelog records queued for the agent."""
 
     def __init__(self, table: Any = correlation_table) -> None:
-        self.table = table
-        self._changes: list[tuple[bytes, bytes | None]] = []
+        super().__init__(table)
         # What is stored, per site, to write only what changed.
         self._stored_pending: dict[str, set[str]] = {}
         self._stored_header: dict[str, bytes] = {}
@@ -109,7 +109,7 @@ class TableSiteStore:
             }
         ).encode()
         if self._stored_header.get(site_id) != header:
-            self._set(site_id, header)
+            self.write(site_id, header)
             self._stored_header[site_id] = header
 
     def _put_tracks(self, state: SiteState) -> None:
@@ -118,13 +118,13 @@ class TableSiteStore:
         for global_id, track in state.tracks.items():
             mark = _track_mark(track)
             if stored.get(global_id) != mark:
-                self._set(
+                self.write(
                     f"{site_id}{_TRACK}{global_id}",
                     json.dumps(track.to_json()).encode(),
                 )
                 stored[global_id] = mark
         for global_id in stored.keys() - state.tracks.keys():
-            self._delete(f"{site_id}{_TRACK}{global_id}")
+            self.write(f"{site_id}{_TRACK}{global_id}", None)
             del stored[global_id]
 
     def _put_recent(self, state: SiteState) -> None:
@@ -137,12 +137,12 @@ class TableSiteStore:
         stored = self._stored_buckets.setdefault(site_id, {})
         for bucket_ms, entries in buckets.items():
             if stored.get(bucket_ms) != len(entries):
-                self._set(
+                self.write(
                     f"{site_id}{_RECENT}{bucket_ms}", json.dumps(entries).encode()
                 )
                 stored[bucket_ms] = len(entries)
         for bucket_ms in stored.keys() - buckets.keys():
-            self._delete(f"{site_id}{_RECENT}{bucket_ms}")
+            self.write(f"{site_id}{_RECENT}{bucket_ms}", None)
             del stored[bucket_ms]
 
     def _put_pending(self, state: SiteState) -> None:
@@ -150,24 +150,12 @@ class TableSiteStore:
         stored = self._stored_pending.setdefault(site_id, set())
         current = {event.event_id: event for event in state.pending}
         for event_id in current.keys() - stored:
-            self._set(
+            self.write(
                 f"{site_id}{_PENDING}{event_id}", current[event_id].json_text.encode()
             )
         for event_id in stored - current.keys():
-            self._delete(f"{site_id}{_PENDING}{event_id}")
+            self.write(f"{site_id}{_PENDING}{event_id}", None)
         self._stored_pending[site_id] = set(current)
-
-    def _set(self, key: str, value: bytes) -> None:
-        store = self.table.data
-        encoded = store._encode_key(key)
-        store._set(encoded, value)
-        self._changes.append((encoded, value))
-
-    def _delete(self, key: str) -> None:
-        store = self.table.data
-        encoded = store._encode_key(key)
-        store._del(encoded)
-        self._changes.append((encoded, None))
 
     def states(self) -> Iterator[SiteState]:
         """Yield every site state this worker holds, put together from its keys."""
@@ -223,17 +211,3 @@ class TableSiteStore:
         self._stored_header.clear()
         self._stored_tracks.clear()
         self._stored_buckets.clear()
-
-    def take_changelog(self) -> list[tuple[bytes, bytes | None]]:
-        """Return the changelog records queued since the last call, in order."""
-        changes, self._changes = self._changes, []
-        return changes
-
-    @property
-    def changelog_topic(self) -> str:
-        """Return the name of the table's changelog topic."""
-        return str(self.table.changelog_topic.get_topic_name())
-
-    def on_changelog_sent(self, metadata: Any) -> None:
-        """Remember, in RocksDB, the changelog offset this state includes."""
-        self.table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)

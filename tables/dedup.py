@@ -19,6 +19,7 @@ import faust
 
 from aggregator_app.app import app, rules
 from aggregator_app.dedup import Span, WindowKey
+from tables.changelog import ChangelogStore
 
 __all__ = ["TableSpanStore", "dedup_table"]
 
@@ -31,7 +32,7 @@ dedup_table = app.Table(
 ).tumbling(rules.dedup.window_s, expires=None)
 
 
-class TableSpanStore:
+class TableSpanStore(ChangelogStore):
     """A :class:`~aggregator_app.dedup.SpanStore` over the dedup table.
 
     Must be used inside an agent's iteration over a batch of a partition
@@ -45,9 +46,8 @@ class TableSpanStore:
     def __init__(self, table: Any = dedup_table) -> None:
         # The windowed wrapper picks windows by the current event's time; spans
         # name their window explicitly, so the underlying table is used.
-        self.table = table.table
+        super().__init__(table.table)
         self._half_window_s = rules.dedup.window_s / 2
-        self._changes: list[tuple[bytes, bytes | None]] = []
 
     def _key(self, window: WindowKey) -> tuple[str, tuple[float, float]]:
         key, start_ms = window
@@ -60,38 +60,13 @@ class TableSpanStore:
         return [Span.from_json(item) for item in stored]
 
     def put(self, window: WindowKey, spans: list[Span]) -> None:
-        store = self.table.data
-        key = store._encode_key(self._key(window))
-        value = store._encode_value([span.to_json() for span in spans])
-        store._set(key, value)
-        self._changes.append((key, value))
+        self.write(self._key(window), [span.to_json() for span in spans])
 
     def delete(self, window: WindowKey) -> None:
-        store = self.table.data
-        key = store._encode_key(self._key(window))
-        store._del(key)
-        self._changes.append((key, None))
+        self.write(self._key(window), None)
 
     def windows(self) -> Iterator[tuple[WindowKey, list[Span]]]:
         """Yield every window this worker holds, active and standby partitions."""
         for (key, (start_s, _end_s)), stored in self.table.data.items():
             spans = [Span.from_json(item) for item in stored]
             yield (key, round(start_s * 1000)), spans
-
-    def take_changelog(self) -> list[tuple[bytes, bytes | None]]:
-        """Return the changelog records queued since the last call, in order."""
-        changes, self._changes = self._changes, []
-        return changes
-
-    @property
-    def changelog_topic(self) -> str:
-        """Return the name of the table's changelog topic."""
-        return str(self.table.changelog_topic.get_topic_name())
-
-    def on_changelog_sent(self, metadata: Any) -> None:
-        """Remember, in RocksDB, the changelog offset this worker's state includes.
-
-        A restart with the same data directory then reads the changelog from
-        there on only, as faust does for its own changelog writes.
-        """
-        self.table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)

@@ -16,6 +16,7 @@ import faust
 
 from aggregator_app.app import app, rules
 from aggregator_app.episodes import PaneKey
+from tables.changelog import ChangelogStore
 
 __all__ = ["EpisodePaneStore", "episode_table"]
 
@@ -28,41 +29,18 @@ episode_table = app.Table(
 )
 
 
-class EpisodePaneStore:
+class EpisodePaneStore(ChangelogStore):
     """Writes panes to the episode table and queues their changelog records."""
 
     def __init__(self, table: Any = episode_table) -> None:
-        self.table = table
-        self._changes: list[tuple[bytes, bytes | None]] = []
+        super().__init__(table)
 
     def put(self, key: PaneKey, observations: list[list[Any]] | None) -> None:
         """Store a pane's observations; ``None`` deletes the pane."""
-        store = self.table.data
-        raw_key = store._encode_key(list(key))
-        if observations is None:
-            store._del(raw_key)
-            self._changes.append((raw_key, None))
-            return
-        value = store._encode_value(observations)
-        store._set(raw_key, value)
-        self._changes.append((raw_key, value))
+        self.write(list(key), observations)
 
     def panes(self) -> Iterator[tuple[PaneKey, list[list[Any]]]]:
         """Yield every pane this worker holds."""
         for key, observations in self.table.data.items():
             global_id, pane_ms = key  # a JSON list
             yield (str(global_id), int(pane_ms)), observations
-
-    def take_changelog(self) -> list[tuple[bytes, bytes | None]]:
-        """Return the changelog records queued since the last call, in order."""
-        changes, self._changes = self._changes, []
-        return changes
-
-    @property
-    def changelog_topic(self) -> str:
-        """Return the name of the table's changelog topic."""
-        return str(self.table.changelog_topic.get_topic_name())
-
-    def on_changelog_sent(self, metadata: Any) -> None:
-        """Remember, in RocksDB, the changelog offset this worker's state includes."""
-        self.table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)

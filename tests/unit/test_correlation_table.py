@@ -23,6 +23,9 @@ class _DictData:
     def _encode_key(self, key: str) -> bytes:
         return json.dumps(key).encode()
 
+    def _encode_value(self, value: bytes) -> bytes:
+        return value  # the table's values are raw bytes
+
     def _set(self, key: bytes, value: bytes) -> None:
         self.values[json.loads(key)] = value
 
